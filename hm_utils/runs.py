@@ -34,7 +34,8 @@ from typing import Any
 
 import yaml
 
-logger = logging.getLogger(__name__)
+# Named explicitly so that `python -m hm_utils.runs` logs into run.log as well.
+logger = logging.getLogger("hm_utils.runs")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PROFILES = REPO_ROOT / "configs" / "profiles.yaml"
