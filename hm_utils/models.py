@@ -274,6 +274,26 @@ def resolve_model(reference: str | Path) -> str:
     return reference
 
 
+def load_model(reference: str | Path, dtype: str = "float32", device_map: str | None = None):
+    """Load a causal LM and its tokenizer from an embedded name, a local folder or a hub id.
+
+    ``dtype`` is a torch dtype name ("float32", "bfloat16", ...) or "auto" (the checkpoint's
+    own). ``device_map`` goes to ``from_pretrained`` (e.g. "auto" to spread a large model over
+    the GPUs with accelerate); ``None`` loads on the CPU. The model is returned in eval mode.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype != "auto" and not isinstance(getattr(torch, dtype, None), torch.dtype):
+        raise ValueError(f"invalid dtype {dtype!r}; use a torch dtype name such as 'float32' or 'bfloat16', or 'auto'")
+    resolved = resolve_model(reference)
+    tokenizer = AutoTokenizer.from_pretrained(resolved)
+    model = AutoModelForCausalLM.from_pretrained(
+        resolved, dtype="auto" if dtype == "auto" else getattr(torch, dtype), device_map=device_map
+    )
+    return model.eval(), tokenizer
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 

@@ -23,7 +23,7 @@ import re
 import string
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from hm_utils.data import Example, Language, TaskType
 
@@ -315,3 +315,52 @@ def load_prompt_choice(path: str | Path) -> dict[str, str]:
             raise ValueError(f"{path}: template name for task {task!r} must be a string, got {name!r}")
         get_template(name)
     return choice
+
+
+LOWER_IS_BETTER = frozenset({"answer_nll"})
+
+
+def search_templates(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    metric: str,
+    methods: Sequence[str],
+    candidates: Sequence[PromptTemplate] | None = None,
+    **evaluate_options: Any,
+) -> list[dict[str, Any]]:
+    """Score every candidate template on ``examples`` and return one row per template, best first.
+
+    ``candidates`` defaults to the registered templates for the examples' language and task
+    type. Each row holds the template name, the metric's name and value with its bootstrap
+    interval, and the number of examples. ``answer_nll`` ranks lower first, every other metric higher first.
+    """
+    from hm_utils.evaluate import evaluate_model
+
+    if not examples:
+        raise ValueError("search_templates needs at least one example; the validation split is empty")
+    languages = {example.language for example in examples}
+    task_types = {example.task_type for example in examples}
+    if len(languages) != 1 or len(task_types) != 1:
+        raise ValueError(f"examples mix languages {sorted(languages)} or task types {sorted(task_types)}; search one task at a time")
+    if candidates is None:
+        candidates = templates_for(languages.pop(), task_types.pop())
+
+    rows = []
+    for template in candidates:
+        result = evaluate_model(model, tokenizer, examples, template, methods=list(methods), **evaluate_options)
+        if metric not in result.metrics:
+            raise ValueError(f"metric {metric!r} is not produced by methods {list(methods)}; available: {sorted(result.metrics)}")
+        rows.append({
+            "template": template.name,
+            "metric": metric,
+            "value": result.metrics[metric],
+            "ci_low": result.metrics.get(f"{metric}_ci_low"),
+            "ci_high": result.metrics.get(f"{metric}_ci_high"),
+            "n": len(examples),
+        })
+        logger.info("template %s: %s = %.4f", template.name, metric, result.metrics[metric])
+
+    # Ties keep the registry order, so the default template wins a tie.
+    rows.sort(key=lambda row: row["value"] if metric in LOWER_IS_BETTER else -row["value"])
+    return rows

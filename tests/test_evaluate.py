@@ -616,3 +616,33 @@ def test_real_mcq_evaluation(smollm, tmp_path):
     assert 0 < metrics["answer_nll"] < 2
     letter_probs = np.exp(records[0]["letter_logprobs"])
     assert 0.5 < letter_probs.sum() <= 1.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Template search
+# ----------------------------------------------------------------------------------------------
+
+
+def test_search_templates_ranks_by_metric(tiny_model, tokenizer):
+    from hm_utils.prompts import search_templates, templates_for
+
+    rows = search_templates(tiny_model, tokenizer, ZH_QA, "answer_nll", ["nll"], n_resamples=50)
+    assert sorted(row["template"] for row in rows) == sorted(t.name for t in templates_for("zh", "qa"))
+    values = [row["value"] for row in rows]
+    assert values == sorted(values)
+    assert all(row["metric"] == "answer_nll" for row in rows)
+    assert all(row["n"] == 2 for row in rows)
+
+
+def test_search_templates_rejects_mixed_tasks(tiny_model, tokenizer):
+    from hm_utils.prompts import search_templates
+
+    with pytest.raises(ValueError, match="mix languages"):
+        search_templates(tiny_model, tokenizer, [*ZH_QA, *EN_MCQ], "answer_nll", ["nll"])
+
+
+def test_search_templates_unknown_metric(tiny_model, tokenizer):
+    from hm_utils.prompts import search_templates
+
+    with pytest.raises(ValueError, match="metric 'rouge-l' is not produced"):
+        search_templates(tiny_model, tokenizer, ZH_QA, "rouge-l", ["nll"], n_resamples=10)
