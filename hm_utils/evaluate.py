@@ -1097,3 +1097,85 @@ def evaluate_model(
         write_jsonl(records, predictions_path)
         logger.info("wrote %d predictions to %s", len(records), predictions_path)
     return EvalResult(metrics, records)
+
+
+# ---------------------------------------------------------------------------------------------
+# Several tasks, one model
+# ---------------------------------------------------------------------------------------------
+
+DEFAULT_TASK_METHODS: dict[str, tuple[str, ...]] = {"mcq": ("generate", "option", "letter", "nll"), "qa": ("generate", "nll")}
+METRICS_FILE = "metrics.json"
+
+
+def evaluate_tasks(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    tasks: dict[str, Sequence[Example]],
+    templates: dict[str, PromptTemplate | str],
+    out_dir: str | Path,
+    *,
+    model_name: str,
+    methods: dict[str, Sequence[str]] | None = None,
+    batch_size: int = 8,
+    max_new_tokens: dict[str, int] | None = None,
+    n_resamples: int = 1000,
+    seed: int = 0,
+) -> dict[str, dict[str, float]]:
+    """Evaluate one model on every task and write ``out_dir/metrics.json`` and ``out_dir/<task>.jsonl``.
+
+    ``tasks`` maps a task name to its examples and ``templates`` a task name to its prompt
+    template or registered template name. ``methods`` and ``max_new_tokens`` are keyed by
+    task type ("mcq", "qa"). When ``metrics.json`` already holds the same model name, tasks,
+    example ids, templates and methods, it is returned without running the model, so a
+    resumed run does not evaluate twice. Returns ``{task: metrics}``.
+    """
+    from hm_utils.prompts import get_template
+
+    out_dir = Path(out_dir)
+    methods = {**DEFAULT_TASK_METHODS, **(methods or {})}
+    missing = sorted(set(tasks) - set(templates))
+    if missing:
+        raise ValueError(f"no prompt template for task(s) {missing}; the template choice covers {sorted(templates)}")
+    resolved = {task: get_template(t) if isinstance(t, str) else t for task, t in templates.items() if task in tasks}
+    key = {
+        "model": model_name,
+        "tasks": {task: [example.id for example in examples] for task, examples in tasks.items()},
+        "templates": {task: template.name for task, template in resolved.items()},
+        "methods": {kind: list(value) for kind, value in methods.items()},
+        "max_new_tokens": max_new_tokens,
+        "n_resamples": n_resamples,
+        "seed": seed,
+    }
+    metrics_path = out_dir / METRICS_FILE
+    if metrics_path.is_file():
+        stored = json.loads(metrics_path.read_text(encoding="utf-8"))
+        if stored.get("key") == key:
+            logger.info("reusing %s", metrics_path)
+            return stored["metrics"]
+
+    results = {}
+    for task, examples in tasks.items():
+        task_type = examples[0].task_type if examples else "qa"
+        tokens = (max_new_tokens or {}).get(task_type)
+        result = evaluate_model(
+            model, tokenizer, examples, resolved[task], methods=list(methods[task_type]), batch_size=batch_size,
+            max_new_tokens=tokens, predictions_path=out_dir / f"{task}.jsonl", model_name=model_name,
+            n_resamples=n_resamples, seed=seed,
+        )
+        results[task] = result.metrics
+    _write_json_file(metrics_path, {"key": key, "metrics": results})
+    return results
+
+
+def _write_json_file(path: Path, payload: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Non-finite metrics become null, because JSON has no NaN and readers must not meet one.
+    text = json.dumps(_finite_or_none(payload), ensure_ascii=False, indent=2, allow_nan=False)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

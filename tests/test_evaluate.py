@@ -646,3 +646,32 @@ def test_search_templates_unknown_metric(tiny_model, tokenizer):
 
     with pytest.raises(ValueError, match="metric 'rouge-l' is not produced"):
         search_templates(tiny_model, tokenizer, ZH_QA, "rouge-l", ["nll"], n_resamples=10)
+
+
+# ----------------------------------------------------------------------------------------------
+# Several tasks
+# ----------------------------------------------------------------------------------------------
+
+
+def test_evaluate_tasks_writes_and_reuses(tiny_model, tokenizer, tmp_path):
+    tasks = {"zh_qa": ZH_QA, "en_mcq": EN_MCQ}
+    templates = {"zh_qa": "zh_qa_plain", "en_mcq": default_template("en", "mcq")}
+    methods = {"mcq": ["option", "nll"], "qa": ["nll"]}
+    first = ev.evaluate_tasks(tiny_model, tokenizer, tasks, templates, tmp_path, model_name="tiny",
+                              methods=methods, n_resamples=20)
+    assert set(first) == {"zh_qa", "en_mcq"}
+    assert first["en_mcq"]["n"] == 3
+    assert "acc_option_norm" in first["en_mcq"]
+    assert len(ev.read_jsonl(tmp_path / "zh_qa.jsonl")) == 2
+    stored = json.loads((tmp_path / "metrics.json").read_text(encoding="utf-8"))
+    assert stored["metrics"] == first
+
+    # Same key: reused without a model pass.
+    again = ev.evaluate_tasks(ForbiddenModel(), tokenizer, tasks, templates, tmp_path, model_name="tiny",
+                              methods=methods, n_resamples=20)
+    assert again == first
+
+
+def test_evaluate_tasks_missing_template(tiny_model, tokenizer, tmp_path):
+    with pytest.raises(ValueError, match=r"no prompt template for task\(s\) \['zh_qa'\]"):
+        ev.evaluate_tasks(tiny_model, tokenizer, {"zh_qa": ZH_QA}, {}, tmp_path, model_name="tiny")
