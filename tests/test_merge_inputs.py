@@ -455,3 +455,32 @@ def test_config_rejects_unsupported_key(tiny):
     document["tokenizer_source"] = "union"
     with pytest.raises(ValueError, match="\\['tokenizer_source'\\] are not supported"):
         MergeConfig.from_mergekit(document)
+
+
+# --- merging once -------------------------------------------------------------------------
+
+
+def test_merge_once_reuses_finished_output(tiny, tmp_path, monkeypatch):
+    from hm_utils.merge import mergekit_runner
+
+    config = config_for(tiny)
+    out = mergekit_runner.merge_with_mergekit_once(config, tmp_path / "ties", random_seed=0)
+    weights = (out / "model.safetensors").stat().st_mtime_ns
+
+    calls = []
+    monkeypatch.setattr(mergekit_runner, "run_mergekit", lambda *args, **kwargs: calls.append(args))
+    assert mergekit_runner.merge_with_mergekit_once(config, out, random_seed=0) == out
+    assert calls == []
+    assert (out / "model.safetensors").stat().st_mtime_ns == weights
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ties"]
+
+
+def test_merge_once_reruns_on_change(tiny, tmp_path, monkeypatch):
+    from hm_utils.merge import mergekit_runner
+
+    out = mergekit_runner.merge_with_mergekit_once(config_for(tiny), tmp_path / "ties", random_seed=0)
+    calls = []
+    monkeypatch.setattr(mergekit_runner, "run_mergekit", lambda *args, **kwargs: calls.append(kwargs))
+    mergekit_runner.merge_with_mergekit_once(config_for(tiny), out, random_seed=1)
+    mergekit_runner.merge_with_mergekit_once(config_for(tiny, densities=[0.3, 0.3]), out, random_seed=0)
+    assert calls == [{"random_seed": 1}, {"random_seed": 0}]

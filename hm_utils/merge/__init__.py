@@ -32,7 +32,7 @@ from hm_utils.merge.config import (
 )
 from hm_utils.merge.engine import merge_checkpoints
 from hm_utils.merge.io import TensorReader, load_state_dict, save_state_dict
-from hm_utils.merge.mergekit_runner import run_mergekit
+from hm_utils.merge.mergekit_runner import merge_with_mergekit_once, run_mergekit
 from hm_utils.merge.methods import METHODS, merge_tensor
 from hm_utils.merge.params import decoder_layer_of
 from hm_utils.merge.plan import describe_plan, plan_merge
@@ -56,6 +56,7 @@ __all__ = [
     "merge_checkpoints",
     "merge_deltas",
     "merge_tensor",
+    "merge_with_mergekit_once",
     "mergekit_yaml",
     "plan_merge",
     "run_mergekit",

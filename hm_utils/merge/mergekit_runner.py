@@ -53,3 +53,38 @@ def run_mergekit(
             verify_output(staging, summary)
     logger.info("mergekit %s merge written to %s in %.1f s", config.merge_method, out_dir, time.perf_counter() - start)
     return Path(out_dir)
+
+
+RUN_RECORD_FILE = "hm_merge_run.json"
+
+
+def merge_with_mergekit_once(config: MergeConfig, out_dir: str | Path, *, random_seed: int | None = None) -> Path:
+    """Run ``run_mergekit`` for ``config`` unless ``out_dir`` already holds the same finished merge.
+
+    A merge counts as finished when ``out_dir`` contains the same ``mergekit_config.yml`` text
+    and a run record with the same ``random_seed``. ``run_mergekit`` only ever renames a
+    verified, complete folder into place, and the record is written after that, so a merge
+    killed at any point is run again on the next call.
+    """
+    import json
+
+    from hm_utils.merge.config import mergekit_yaml
+
+    out_dir = Path(out_dir)
+    expected = mergekit_yaml(config)
+    config_file, record_file = out_dir / CONFIG_FILE_NAME, out_dir / RUN_RECORD_FILE
+    if config_file.is_file() and record_file.is_file():
+        same_config = config_file.read_text(encoding="utf-8") == expected
+        same_seed = json.loads(record_file.read_text(encoding="utf-8")).get("random_seed") == random_seed
+        if same_config and same_seed:
+            logger.info("reusing finished merge %s", out_dir)
+            return out_dir
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    config_path = write_mergekit_config(config, out_dir.parent / f".{out_dir.name}.{CONFIG_FILE_NAME}")
+    try:
+        run_mergekit(config_path, out_dir, random_seed=random_seed)
+    finally:
+        config_path.unlink(missing_ok=True)
+    record_file.write_text(json.dumps({"random_seed": random_seed}) + "\n", encoding="utf-8")
+    return out_dir
