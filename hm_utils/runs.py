@@ -21,6 +21,7 @@ import ast
 import datetime as dt
 import hashlib
 import importlib.metadata
+import importlib.util
 import json
 import logging
 import os
@@ -43,6 +44,7 @@ DEFAULT_NOTEBOOKS = REPO_ROOT / "notebooks"
 DEFAULT_RUNS = REPO_ROOT / "papermill_runs"
 ALWAYS_INJECTED = ("run_dir", "seed")
 OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+REQUIRED_MODULES = ("papermill", "ipykernel", "torch", "transformers", "peft", "mergekit", "jieba", "rouge_chinese", "nltk")
 RECORDED_PACKAGES = (
     "torch", "transformers", "peft", "accelerate", "mergekit", "papermill", "numpy",
     "pandas", "datasets", "safetensors", "tokenizers", "jieba", "rouge-chinese", "nltk",
@@ -73,6 +75,13 @@ class PlannedNotebook:
     path: Path
     parameters: dict[str, Any]
     fingerprint: str
+
+
+def check_required_modules(modules: tuple[str, ...] = REQUIRED_MODULES) -> None:
+    """Raise ``RunConfigError`` naming the first module the notebooks need that cannot be imported."""
+    for module in modules:
+        if importlib.util.find_spec(module) is None:
+            raise RunConfigError(f"package {module!r} is not installed in {sys.prefix}; run `make setup` and use .venv/bin/python")
 
 
 def load_profiles(path: str | Path = DEFAULT_PROFILES) -> tuple[list[str], dict[str, Profile]]:
@@ -292,6 +301,7 @@ def run(
     Stops at the first failing notebook with ``NotebookFailedError``; its executed copy
     stays in the run folder.
     """
+    check_required_modules()
     order, profiles = load_profiles(profiles_path)
     if profile_name not in profiles:
         raise RunConfigError(f"unknown profile {profile_name!r}; choose one of {sorted(profiles)} (defined in {profiles_path})")

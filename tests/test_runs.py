@@ -199,3 +199,8 @@ def test_repository_profiles_match_notebooks():
     for profile in profiles.values():
         # Planning validates every parameter against the notebooks that exist.
         runs.plan_run(profile, order, runs.DEFAULT_NOTEBOOKS, Path("/tmp/run"))
+
+
+def test_missing_package_rejected(project):
+    with pytest.raises(runs.RunConfigError, match="package 'no_such_package_xyz' is not installed"):
+        runs.check_required_modules(("json", "no_such_package_xyz"))
