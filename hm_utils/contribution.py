@@ -121,14 +121,20 @@ def _recorded_base_sha256(folder: Path) -> str | None:
     return key.get("base_model_sha256") or (base.get("sha256") if isinstance(base, dict) else None)
 
 
-def check_specialists(base: str | Path, specialists: Mapping[str, str | Path] | Sequence[str | Path]) -> None:
+def check_specialists(
+    base: str | Path,
+    specialists: Mapping[str, str | Path] | Sequence[str | Path],
+    base_reference: str | Path | None = None,
+) -> None:
     """Raise ``ValueError`` unless every specialist folder was fine-tuned from the base folder.
 
     The checks run cheapest first. They compare the decoder layer count
     (``num_hidden_layers``), the other architecture keys of ``config.json``
     (``ARCHITECTURE_KEYS``) and the tensor names and shapes in the safetensors headers. Where a
     specialist folder has a fine-tuning record (``hm_finetune.json``), the recorded sha256 of its
-    base must equal the fingerprint of ``base`` (``hm_utils.finetune.fingerprint_model``).
+    base must equal the fingerprint of ``base_reference`` (default ``base``), computed by
+    ``hm_utils.finetune.fingerprint_model``. Pass the hub id as ``base_reference`` when ``base``
+    is its local snapshot folder, because the fingerprint of a hub id is not that of a folder.
     Raises ``FileNotFoundError`` for a folder without ``config.json``. No tensor data is read,
     apart from hashing the base files when a specialist has a record.
     """
@@ -193,7 +199,7 @@ def check_specialists(base: str | Path, specialists: Mapping[str, str | Path] | 
     if any(sha for _, sha in recorded):
         from hm_utils.finetune import fingerprint_model
 
-        base_sha = fingerprint_model(base)["sha256"]
+        base_sha = fingerprint_model(base if base_reference is None else base_reference)["sha256"]
         for name, sha in recorded:
             if sha is not None and sha != base_sha:
                 raise ValueError(
@@ -919,3 +925,194 @@ def contribution_analysis(
         specialist_impacts=dict(specialist_impacts),
         merged_impacts=merged_impacts,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage files: probe settings, probe sets of a run, contributions on disk
+# ---------------------------------------------------------------------------------------------
+
+CONTRIBUTIONS_CSV = "contributions.csv"
+CONTRIBUTIONS_JSON = "contributions.json"
+RANKING_JSON = "ranking.json"
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write UTF-8 ``text`` to ``path`` through a temporary sibling file and ``os.replace``."""
+    import os
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json_atomic(path: str | Path, payload: Any) -> Path:
+    """Write ``payload`` as indented UTF-8 JSON atomically; raises ``ValueError`` on NaN or infinity."""
+    return write_text_atomic(path, json.dumps(payload, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeSettings:
+    """Settings of the validation probe sets of a run.
+
+    ``examples``: the first ``examples`` validation examples of each task (``None``: all).
+    ``score``: the score kind per task type (``"mcq"``, ``"qa"``); both default to
+    ``"answer_logprob"`` so that contributions are comparable across tasks.
+    ``batch_size``: examples (or example-option pairs) per forward pass.
+    """
+
+    examples: int | None = 32
+    score: Mapping[str, ScoreKind] = dataclasses.field(
+        default_factory=lambda: {"mcq": "answer_logprob", "qa": "answer_logprob"}
+    )
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if self.examples is not None and (isinstance(self.examples, bool) or not isinstance(self.examples, int)):
+            raise ValueError(f"probe examples must be a positive integer or None (all), got {self.examples!r}")
+        if self.examples is not None and self.examples < 1:
+            raise ValueError(f"probe examples {self.examples} selects no example; pass a positive count or None")
+        for task_type, kind in self.score.items():
+            if kind not in SCORE_KINDS:
+                raise ValueError(f"invalid score {kind!r} for task type {task_type!r}; use one of {SCORE_KINDS}")
+        if self.score.get("qa", "answer_logprob") != "answer_logprob":
+            raise ValueError("QA tasks can only use the 'answer_logprob' score")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"invalid probe batch_size {self.batch_size!r}; expected a positive integer")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"examples": self.examples, "score": dict(self.score), "batch_size": self.batch_size}
+
+    @classmethod
+    def from_dict(cls, document: Mapping[str, Any]) -> ProbeSettings:
+        return cls(document["examples"], dict(document["score"]), int(document["batch_size"]))
+
+    def score_of(self, task_type: str) -> ScoreKind:
+        """Return the score kind of a task type; ``"answer_logprob"`` when the type is not listed."""
+        return self.score.get(task_type, "answer_logprob")
+
+
+def build_probe_sets(
+    tokenizer: Any,
+    validation: Mapping[str, Sequence[Example]],
+    templates: Mapping[str, PromptTemplate | str],
+    settings: ProbeSettings = ProbeSettings(),
+) -> dict[str, ProbeSet]:
+    """Build one probe set per task from its validation examples (the first ``settings.examples``).
+
+    ``templates`` maps each task to its template or registered template name. Raises
+    ``ValueError`` for a task without a template or without validation examples.
+    """
+    from hm_utils.prompts import get_template
+
+    tasks = list(validation)
+    check_validation_sets(validation, tasks)
+    missing = [task for task in tasks if task not in templates]
+    if missing:
+        raise ValueError(f"no prompt template for tasks {missing}; the template choice covers {sorted(templates)}")
+    probe_sets = {}
+    for task in tasks:
+        examples = list(validation[task])[: settings.examples]
+        template = templates[task]
+        template = get_template(template) if isinstance(template, str) else template
+        score = settings.score_of(examples[0].task_type)
+        probe_sets[task] = build_probe_set(tokenizer, examples, template, score, settings.batch_size, name=task)
+    return probe_sets
+
+
+def _impacts_to_dict(impacts: LayerImpacts) -> dict[str, Any]:
+    return {
+        "layers": list(impacts.layers),
+        "score_model": float(impacts.score_model),
+        "score_base": float(impacts.score_base),
+        "score_without": [float(v) for v in impacts.score_without],
+        "score_only": [float(v) for v in impacts.score_only],
+    }
+
+
+def _impacts_from_dict(task: str, document: Mapping[str, Any]) -> LayerImpacts:
+    return LayerImpacts(
+        task=task,
+        layers=tuple(int(layer) for layer in document["layers"]),
+        score_model=float(document["score_model"]),
+        score_base=float(document["score_base"]),
+        score_without=np.asarray(document["score_without"], dtype=float),
+        score_only=np.asarray(document["score_only"], dtype=float),
+    )
+
+
+def contributions_to_dict(contributions: Contributions) -> dict[str, Any]:
+    """Return a JSON-ready form of ``contributions``, with the probe scores when they are kept."""
+    document: dict[str, Any] = {
+        "tasks": list(contributions.tasks),
+        "layers": list(contributions.layers),
+        "specialist": np.asarray(contributions.specialist, dtype=float).tolist(),
+        "merged": np.asarray(contributions.merged, dtype=float).tolist(),
+    }
+    for key in ("specialist_impacts", "merged_impacts"):
+        impacts = getattr(contributions, key)
+        document[key] = None if impacts is None else {task: _impacts_to_dict(v) for task, v in impacts.items()}
+    return document
+
+
+def contributions_from_dict(document: Mapping[str, Any]) -> Contributions:
+    """Rebuild :class:`Contributions` from :func:`contributions_to_dict` output."""
+    impacts = {}
+    for key in ("specialist_impacts", "merged_impacts"):
+        stored = document.get(key)
+        impacts[key] = None if stored is None else {task: _impacts_from_dict(task, v) for task, v in stored.items()}
+    return Contributions(
+        tasks=tuple(document["tasks"]),
+        layers=tuple(int(layer) for layer in document["layers"]),
+        specialist=np.asarray(document["specialist"], dtype=float),
+        merged=np.asarray(document["merged"], dtype=float),
+        **impacts,
+    )
+
+
+def ranking_document(contributions: Contributions) -> dict[str, Any]:
+    """Return Γ per probed layer, the full ranking (largest Γ first) and the layers with Γ > 0."""
+    total = contributions.total_conflict
+    return {
+        "Gamma": {str(layer): float(value) for layer, value in zip(contributions.layers, total)},
+        "ranking": contributions.ranking(positive_only=False),
+        "conflicting": contributions.ranking(positive_only=True),
+    }
+
+
+def write_contributions(
+    contributions: Contributions, out_dir: str | Path, settings: Mapping[str, Any] | None = None
+) -> dict[str, Path]:
+    """Write ``contributions.csv`` (one row per task and layer), ``contributions.json`` and ``ranking.json``.
+
+    ``settings`` (JSON-ready, e.g. the probe settings and the deletion rule) is stored in
+    ``contributions.json`` beside the values. Returns the paths by file kind.
+    """
+    import pandas as pd
+
+    out_dir = Path(out_dir)
+    document = {"settings": dict(settings or {}), **contributions_to_dict(contributions)}
+    return {
+        "csv": write_text_atomic(out_dir / CONTRIBUTIONS_CSV, pd.DataFrame(contributions.to_records()).to_csv(index=False)),
+        "json": write_json_atomic(out_dir / CONTRIBUTIONS_JSON, document),
+        "ranking": write_json_atomic(out_dir / RANKING_JSON, ranking_document(contributions)),
+    }
+
+
+def read_contributions(path: str | Path) -> tuple[Contributions, dict[str, Any]]:
+    """Read ``contributions.json`` written by :func:`write_contributions`; return the values and settings."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CONTRIBUTIONS_JSON
+    if not path.is_file():
+        raise FileNotFoundError(f"contributions file not found: {path}; run the contribution stage first")
+    document = json.loads(path.read_text(encoding="utf-8"))
+    return contributions_from_dict(document), dict(document.get("settings") or {})

@@ -73,11 +73,19 @@ Decisions (the method description leaves them open); each default can be changed
 
 A :math:`\gamma` of exactly 0 counts as not losing. The published conditions leave
 :math:`(\gamma_A > 0, \gamma_B = 0)` uncovered; here it is a partial conflict with B harming.
+
+The last section runs the stages of notebooks 05 to 07 on a run folder: it reads the earlier
+stages' outputs (:func:`load_stage_inputs`), searches the stage-1 grid with in-place weight
+swaps (:func:`model_wise_search`), resolves conflicts with the recomputation and objective the
+options need (:func:`run_hi_merging`), writes plans through mergekit (:func:`export_plan`) and
+builds the results table (:func:`results_table`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -86,13 +94,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from hm_utils.contribution import Contributions, rank_layers
 from hm_utils.merge.config import MergeConfig, ModelEntry, write_mergekit_config
 from hm_utils.merge.params import decoder_layer_of
 from hm_utils.merge.sparsify import magnitude_prune
-from hm_utils.merge.task_vectors import TaskVectors, merge_deltas
+from hm_utils.merge.task_vectors import TaskVectors, apply_delta_, merge_deltas
 
 logger = logging.getLogger(__name__)
 
@@ -667,3 +677,563 @@ def resolve_conflicts(
             contributions = contributions.with_merged(merged)
 
     return HiMergingResult(plan, tuple(decisions), contributions, stop_reason)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage runs (notebooks 05 to 07): inputs of a run folder, search, export, result tables
+# ---------------------------------------------------------------------------------------------
+
+DATA_STAGE = "01_data"
+PROMPT_STAGE = "02_prompt_tuning"
+FINETUNE_STAGE = "03_finetune"
+BASELINE_STAGE = "04_baselines"
+MODEL_WISE_STAGE = "05_model_wise"
+CONTRIBUTION_STAGE = "06_contribution"
+CHECKPOINTS_FILE = "checkpoints.json"
+BEST_SETTINGS_FILE = "best_settings.json"
+GRID_SCORES_FILE = "grid_scores.csv"
+
+# Metrics of the results table per task type; all are higher-is-better percentages.
+TABLE_METRICS: dict[str, tuple[str, ...]] = {"mcq": ("acc_option_norm",), "qa": ("bleu-4", "rouge-l")}
+
+
+def read_checkpoints(stage_dir: str | Path) -> dict[str, Path]:
+    """Read a stage's ``checkpoints.json`` (``{name: folder}``) and return absolute folders.
+
+    A recorded folder that does not exist is looked up by its folder name inside
+    ``stage_dir``, so a run folder that was moved or copied still resolves. Raises
+    ``FileNotFoundError`` when the file or a folder is missing.
+    """
+    stage_dir = Path(stage_dir)
+    path = stage_dir / CHECKPOINTS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; run the stage that writes it first")
+    folders = {}
+    for name, recorded in json.loads(path.read_text(encoding="utf-8")).items():
+        folder = Path(recorded)
+        if not folder.is_dir():
+            folder = stage_dir / folder.name
+        if not folder.is_dir():
+            raise FileNotFoundError(f"checkpoint {name!r} of {path} not found at {recorded} nor at {folder}")
+        folders[name] = folder.resolve()
+    return folders
+
+
+@dataclasses.dataclass(frozen=True)
+class StageInputs:
+    """The inputs that the merging stages read from the earlier stages of one run folder.
+
+    ``base`` is the base model as mergekit and ``from_pretrained`` read it (a folder, or a hub
+    id), ``base_dir`` its local folder. ``specialists`` maps each task to its fine-tuned
+    folder, ``templates`` each task to its prompt template name. ``validation`` and ``test``
+    hold the first examples of each split, as many as the caller asked for.
+    """
+
+    run_dir: Path
+    base: str
+    base_dir: Path
+    tasks: tuple[str, ...]
+    specialists: dict[str, Path]
+    templates: dict[str, str]
+    validation: dict[str, list]
+    test: dict[str, list]
+
+    @property
+    def task_types(self) -> dict[str, str]:
+        return {task: self.test[task][0].task_type for task in self.tasks}
+
+    def task_vectors(self, dtype: str = "float32") -> TaskVectors:
+        """Load the base and every specialist and return their deltas (tasks in order), on the CPU."""
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ValueError(f"invalid dtype {dtype!r}; use a torch dtype name such as 'float32'")
+        folders = [self.specialists[task] for task in self.tasks]
+        return TaskVectors.from_checkpoints(self.base_dir, folders, list(self.tasks), dtype=getattr(torch, dtype))
+
+
+def load_stage_inputs(
+    run_dir: str | Path,
+    model: str,
+    validation_examples: int | None = None,
+    test_examples: int | None = None,
+) -> StageInputs:
+    """Read tasks, prompt templates, specialist folders and splits of a run folder, and check them.
+
+    ``model`` is the base model reference of the run (an embedded name, a folder or a hub id).
+    The checks run before any weights load: every task has a template, a specialist and a
+    non-empty validation split, and every specialist was fine-tuned from ``model``
+    (``hm_utils.contribution.check_specialists``).
+    """
+    from hm_utils.contribution import check_specialists, check_validation_sets
+    from hm_utils.data import read_split
+    from hm_utils.merge.checks import local_model_dir
+    from hm_utils.models import resolve_model
+    from hm_utils.prompts import load_prompt_choice
+
+    run_dir = Path(run_dir)
+    summary_path = run_dir / DATA_STAGE / "summary.json"
+    if not summary_path.is_file():
+        raise FileNotFoundError(f"{summary_path} not found; run {DATA_STAGE} for this run folder first")
+    tasks = tuple(json.loads(summary_path.read_text(encoding="utf-8"))["tasks"])
+    templates = load_prompt_choice(run_dir / PROMPT_STAGE / "prompts.json")
+    checkpoints = read_checkpoints(run_dir / FINETUNE_STAGE)
+    for label, table in (("prompt template", templates), ("specialist checkpoint", checkpoints)):
+        missing = [task for task in tasks if task not in table]
+        if missing:
+            raise ValueError(f"tasks {missing} have no {label}; rerun the earlier stages for these tasks")
+
+    data_dir = run_dir / DATA_STAGE
+    validation = {task: read_split(data_dir / task / "validation.json")[:validation_examples] for task in tasks}
+    test = {task: read_split(data_dir / task / "test.json")[:test_examples] for task in tasks}
+    check_validation_sets(validation, tasks)
+    empty = [task for task in tasks if not test[task]]
+    if empty:
+        raise ValueError(f"the test split of tasks {empty} is empty; the final evaluation needs test examples")
+
+    base = resolve_model(model)
+    base_dir = local_model_dir(base)
+    specialists = {task: checkpoints[task] for task in tasks}
+    check_specialists(base_dir, specialists, base_reference=base)
+    return StageInputs(run_dir, base, base_dir, tasks, specialists, {t: templates[t] for t in tasks}, validation, test)
+
+
+def check_evaluation_settings(
+    reference: str | Path,
+    inputs: StageInputs,
+    methods: Mapping[str, Sequence[str]] | None,
+    max_new_tokens: Mapping[str, int] | None,
+    n_resamples: int,
+    seed: int,
+) -> None:
+    """Raise ``ValueError`` unless an evaluation with these settings matches ``reference``.
+
+    ``reference`` is a ``metrics.json`` of ``hm_utils.evaluate.evaluate_tasks`` (e.g. the base
+    model's in stage 03). Rows of one results table must share the test examples, templates,
+    methods, token limits, bootstrap resamples and seed; this check runs before any evaluation.
+    """
+    from hm_utils.evaluate import DEFAULT_TASK_METHODS
+
+    reference = Path(reference)
+    if not reference.is_file():
+        raise FileNotFoundError(f"reference evaluation {reference} not found; run {FINETUNE_STAGE} first")
+    stored = json.loads(reference.read_text(encoding="utf-8"))["key"]
+    expected = {
+        "tasks": {task: [example.id for example in inputs.test[task]] for task in inputs.tasks},
+        "templates": dict(inputs.templates),
+        "methods": {kind: list(value) for kind, value in {**DEFAULT_TASK_METHODS, **(methods or {})}.items()},
+        "max_new_tokens": None if max_new_tokens is None else dict(max_new_tokens),
+        "n_resamples": n_resamples,
+        "seed": seed,
+    }
+    differing = [key for key, value in expected.items() if stored.get(key) != value]
+    if differing:
+        raise ValueError(
+            f"evaluation settings {differing} differ from those of {reference}; set eval_max_examples, eval_methods,"
+            " max_new_tokens, n_resamples and seed as in that stage, so that all rows share one results table"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelWiseSearch:
+    """Validation scores of the stage-1 grid.
+
+    ``scores`` has one row per task and setting, columns ``task``, ``p`` (density), ``s``
+    (weight) and ``score`` (higher is better). ``base_scores`` contains each task's score on the
+    base model, ``score_kinds`` the kind of score per task.
+    """
+
+    scores: pd.DataFrame
+    base_scores: dict[str, float]
+    score_kinds: dict[str, str]
+
+    @property
+    def best(self) -> dict[str, ModelSetting]:
+        """The selected setting per task (:func:`select_setting`)."""
+        return {
+            task: select_setting({(row.p, row.s): row.score for row in group.itertuples()})
+            for task, group in self.scores.groupby("task", sort=False)
+        }
+
+    def grid(self, task: str) -> pd.DataFrame:
+        """Return one task's scores as a table: rows are densities p, columns weights s."""
+        rows = self.scores[self.scores["task"] == task]
+        if rows.empty:
+            raise KeyError(f"no grid scores for task {task!r}; tasks: {sorted(self.scores['task'].unique())}")
+        return rows.pivot(index="p", columns="s", values="score")
+
+    def write(self, out_dir: str | Path, settings: Mapping[str, Any] | None = None) -> dict[str, Path]:
+        """Write ``grid_scores.csv``, ``best_settings.json`` (``{task: {density, weight}}``) and ``model_wise.json``.
+
+        ``model_wise.json`` contains the base and best scores, the score kinds and ``settings``.
+        """
+        from hm_utils.contribution import write_json_atomic, write_text_atomic
+
+        out_dir = Path(out_dir)
+        best = self.best
+        best_scores = {task: float(self.grid(task).loc[s.density, s.weight]) for task, s in best.items()}
+        summary = {
+            "settings": dict(settings or {}),
+            "score_kinds": self.score_kinds,
+            "base_scores": self.base_scores,
+            "best_scores": best_scores,
+            "best": {task: dataclasses.asdict(setting) for task, setting in best.items()},
+        }
+        return {
+            "grid": write_text_atomic(out_dir / GRID_SCORES_FILE, self.scores.to_csv(index=False)),
+            "best": write_json_atomic(out_dir / BEST_SETTINGS_FILE, summary["best"]),
+            "summary": write_json_atomic(out_dir / "model_wise.json", summary),
+        }
+
+
+def read_best_settings(path: str | Path) -> dict[str, ModelSetting]:
+    """Read ``best_settings.json`` (``{task: {"density": p, "weight": s}}``)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / BEST_SETTINGS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; run {MODEL_WISE_STAGE} first")
+    document = json.loads(path.read_text(encoding="utf-8"))
+    return {task: ModelSetting(float(v["density"]), float(v["weight"])) for task, v in document.items()}
+
+
+def _check_probe_sets(task_vectors: TaskVectors, probe_sets: Mapping[str, Any]) -> None:
+    missing = [name for name in task_vectors.names if name not in probe_sets]
+    if missing:
+        raise ValueError(f"no probe set for specialists {missing}; probe sets are keyed by task, the task of each specialist")
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def model_wise_search(
+    model: torch.nn.Module,
+    task_vectors: TaskVectors,
+    probe_sets: Mapping[str, Any],
+    grid: Sequence[ModelSetting],
+    progress: bool = True,
+) -> ModelWiseSearch:
+    """Score every grid setting of every specialist on its own task (stage 1).
+
+    For specialist ``m`` and setting (p, s), the loaded base ``model`` is set in place to
+    ``θ_F + s · trim(δ_m, p)`` (:func:`model_wise_deltas`) and scored with full forward passes
+    on task ``m``'s probe set (``hm_utils.contribution.score_model``). Nothing is written to
+    disk, and the model is left at the base weights. ``probe_sets`` are keyed by specialist name.
+    """
+    from hm_utils.contribution import score_model
+
+    if not grid:
+        raise ValueError("the grid is empty; pass settings from setting_grid(step)")
+    _check_probe_sets(task_vectors, probe_sets)
+    device = _model_device(model)
+    probes = {name: probe_sets[name].to(device) for name in task_vectors.names}
+
+    apply_delta_(model, task_vectors.base, {})
+    base_scores = {name: score_model(model, probes[name]) for name in task_vectors.names}
+    rows = []
+    for name in task_vectors.names:
+        points = tqdm(model_wise_deltas(task_vectors, name, grid), total=len(grid), desc=f"grid {name}", disable=not progress)
+        for setting, delta in points:
+            apply_delta_(model, task_vectors.base, delta)
+            rows.append({"task": name, "p": setting.density, "s": setting.weight, "score": score_model(model, probes[name])})
+        logger.info("model-wise grid of %s: base %.4f, best %s", name, base_scores[name],
+                    select_setting({(r["p"], r["s"]): r["score"] for r in rows if r["task"] == name}))
+    apply_delta_(model, task_vectors.base, {})
+    kinds = {name: probes[name].score for name in task_vectors.names}
+    return ModelWiseSearch(pd.DataFrame(rows, columns=["task", "p", "s", "score"]), base_scores, kinds)
+
+
+def plan_contributions(
+    model: torch.nn.Module,
+    task_vectors: TaskVectors,
+    plan: LayerPlan,
+    probe_sets: Mapping[str, Any],
+    layers: Sequence[int] | None = None,
+    deletion: str = "merged_delta",
+    specialist_impacts: Mapping[str, Any] | None = None,
+    progress: bool = True,
+) -> Contributions:
+    """Run the contribution analysis on the merge of ``plan`` (its shares too with ``deletion="own_share"``).
+
+    Pass ``specialist_impacts`` from an earlier analysis on the same probe sets and layers to
+    skip the specialist sweeps, which do not depend on the merge.
+    """
+    from hm_utils.contribution import contribution_analysis
+
+    merged = merge_plan(task_vectors, plan)
+    shares = merged_shares(task_vectors, plan, layers) if deletion == "own_share" else None
+    return contribution_analysis(
+        model, task_vectors, merged, probe_sets, layers, deletion=deletion, shares=shares,
+        specialist_impacts=specialist_impacts, progress=progress,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class ContributionStage:
+    """The contribution analysis of stage 06 and the settings it was computed with."""
+
+    contributions: Contributions
+    probe: Any
+    layers: tuple[int, ...] | None
+    deletion: str
+    model_wise: dict[str, ModelSetting]
+
+
+def contribution_settings(
+    probe: Any, layers: Sequence[int] | None, deletion: str, model_wise: Mapping[str, ModelSetting]
+) -> dict[str, Any]:
+    """Return the JSON-ready settings stored beside the contributions of stage 06."""
+    return {
+        "probe": probe.to_dict(),
+        "layers": None if layers is None else sorted(int(layer) for layer in layers),
+        "deletion": deletion,
+        "model_wise": {task: dataclasses.asdict(setting) for task, setting in model_wise.items()},
+    }
+
+
+def read_contribution_stage(run_dir: str | Path) -> ContributionStage:
+    """Read the contributions of stage 06 and check that they belong to stage 05's current settings.
+
+    Raises ``ValueError`` when ``best_settings.json`` of stage 05 changed after the analysis,
+    because the contributions on the merge then describe another merge.
+    """
+    from hm_utils.contribution import ProbeSettings, read_contributions
+
+    run_dir = Path(run_dir)
+    contributions, settings = read_contributions(run_dir / CONTRIBUTION_STAGE)
+    missing = [key for key in ("probe", "layers", "deletion", "model_wise") if key not in settings]
+    if missing:
+        raise ValueError(f"contributions of {run_dir / CONTRIBUTION_STAGE} lack the settings {missing}; rerun {CONTRIBUTION_STAGE}")
+    analysed = {task: ModelSetting(**value) for task, value in settings["model_wise"].items()}
+    current = read_best_settings(run_dir / MODEL_WISE_STAGE)
+    if analysed != current:
+        raise ValueError(
+            f"the contributions were computed for model-wise settings {analysed}, but {MODEL_WISE_STAGE} now selects"
+            f" {current}; rerun {CONTRIBUTION_STAGE}"
+        )
+    layers = settings["layers"]
+    return ContributionStage(
+        contributions,
+        ProbeSettings.from_dict(settings["probe"]),
+        None if layers is None else tuple(layers),
+        settings["deletion"],
+        current,
+    )
+
+
+def plan_objective(
+    model: torch.nn.Module, task_vectors: TaskVectors, probe_sets: Mapping[str, Any]
+) -> Callable[[LayerPlan], float]:
+    """Return the validation objective of a plan: the mean over tasks of the probe scores of its merge.
+
+    The scores of different kinds (log-likelihood, accuracy) are averaged as they are, so the
+    tasks should share one score kind. Each call leaves ``model`` at the base weights.
+    """
+    from hm_utils.contribution import score_model
+
+    _check_probe_sets(task_vectors, probe_sets)
+    device = _model_device(model)
+    probes = {name: probe_sets[name].to(device) for name in task_vectors.names}
+
+    def objective(plan: LayerPlan) -> float:
+        apply_delta_(model, task_vectors.base, merge_plan(task_vectors, plan))
+        value = float(np.mean([score_model(model, probes[name]) for name in task_vectors.names]))
+        apply_delta_(model, task_vectors.base, {})
+        return value
+
+    return objective
+
+
+def run_hi_merging(
+    model: torch.nn.Module,
+    task_vectors: TaskVectors,
+    plan: LayerPlan,
+    contributions: Contributions,
+    probe_sets: Mapping[str, Any],
+    options: ResolutionOptions = ResolutionOptions(),
+    deletion: str = "merged_delta",
+) -> HiMergingResult:
+    """Resolve the conflicts of ``plan`` (stage 4), with the recomputation and objective that ``options`` need.
+
+    ``contributions`` are those of ``plan``'s merge on ``probe_sets``. With
+    ``options.recompute`` the merge's contributions are recomputed on the same layers after
+    each accepted change (the specialists' are reused); with ``acceptance="no_drop"`` the
+    objective is :func:`plan_objective`.
+    """
+    recompute = None
+    if options.recompute:
+
+        def recompute(candidate: LayerPlan) -> Contributions:
+            return plan_contributions(
+                model, task_vectors, candidate, probe_sets, contributions.layers, deletion,
+                specialist_impacts=contributions.specialist_impacts, progress=False,
+            )
+
+    objective = plan_objective(model, task_vectors, probe_sets) if options.acceptance == "no_drop" else None
+    return resolve_conflicts(plan, contributions, options, recompute, objective)
+
+
+def plan_table(plan: LayerPlan) -> pd.DataFrame:
+    """Return one row per decoder layer with each model's weight and density at that layer."""
+    columns = {}
+    for name, weights, densities in zip(plan.model_names, plan.weights, plan.densities):
+        columns[f"{name} weight"] = weights
+        columns[f"{name} density"] = densities
+    table = pd.DataFrame(columns)
+    table.index.name = "layer"
+    return table
+
+
+def decisions_table(result: HiMergingResult) -> pd.DataFrame:
+    """Return one row per visited layer: case, γ per model, Γ, losers, survivor, changed models, accepted."""
+    rows = []
+    for decision in result.decisions:
+        row = {"layer": decision.layer, "case": decision.case.value, "Gamma": decision.total_conflict}
+        row.update({f"gamma {name}": value for name, value in zip(result.plan.model_names, decision.gamma)})
+        row.update(
+            losers=" ".join(decision.losers), kept=decision.kept or "", changed=" ".join(decision.changed),
+            accepted=decision.accepted, objective_before=decision.objective_before, objective_after=decision.objective_after,
+        )
+        rows.append(row)
+    columns = ["layer", "case", "Gamma", *[f"gamma {n}" for n in result.plan.model_names], "losers", "kept", "changed",
+               "accepted", "objective_before", "objective_after"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def write_hi_merging(result: HiMergingResult, out_dir: str | Path, stem: str, settings: Mapping[str, Any] | None = None) -> dict[str, Path]:
+    """Write ``<stem>.json`` (plan, decisions, stop reason, ``settings``), ``<stem>_decisions.csv`` and ``<stem>_plan.csv``."""
+    from hm_utils.contribution import write_json_atomic, write_text_atomic
+
+    out_dir = Path(out_dir)
+    return {
+        "json": write_json_atomic(out_dir / f"{stem}.json", {"settings": dict(settings or {}), **result.to_dict()}),
+        "decisions": write_text_atomic(out_dir / f"{stem}_decisions.csv", decisions_table(result).to_csv(index=False)),
+        "plan": write_text_atomic(out_dir / f"{stem}_plan.csv", plan_table(result.plan).to_csv()),
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeExport:
+    """A plan merged by mergekit: its YAML config, its model folder and its evaluation label.
+
+    ``label`` is ``name`` plus the first 12 hex digits of the config's sha256, so an evaluation
+    stored under the label (``hm_utils.evaluate.evaluate_tasks`` reuses finished ones) always
+    belongs to this exact merge.
+    """
+
+    name: str
+    label: str
+    config_path: Path
+    model_dir: Path
+
+
+def export_plan(
+    plan: LayerPlan,
+    inputs: StageInputs,
+    tensor_names: Sequence[str],
+    out_dir: str | Path,
+    name: str,
+    dtype: str = "float32",
+) -> MergeExport:
+    """Write the plan's mergekit config to ``out_dir/<name>.yml`` and merge it with mergekit into ``out_dir/<name>/``.
+
+    The config is rerunnable with ``mergekit-yaml out_dir/<name>.yml OUT``. A finished merge
+    of the same config in ``out_dir/<name>/`` is reused (``merge_with_mergekit_once``).
+    """
+    from hm_utils.merge.mergekit_runner import merge_with_mergekit_once
+
+    out_dir = Path(out_dir)
+    config = mergekit_config(plan, inputs.base, inputs.specialists, tensor_names, dtype)
+    config_path = write_plan_config(config, out_dir / f"{name}.yml")
+    model_dir = merge_with_mergekit_once(config, out_dir / name)
+    digest = hashlib.sha256(config_path.read_bytes()).hexdigest()
+    return MergeExport(name, f"{name}-{digest[:12]}", config_path, Path(model_dir))
+
+
+def result_sources(run_dir: str | Path, tasks: Sequence[str]) -> dict[str, Path]:
+    """Return the ``metrics.json`` of every earlier row of the results table, by row label.
+
+    Rows: ``base``, ``<task> specialist`` per task, ``mixed data`` and the baselines of stage
+    04 (in its ``checkpoints.json`` order). The base and the specialists are required; the
+    mixed-data model and baselines without a finished evaluation are skipped with a log line.
+    """
+    from hm_utils.evaluate import METRICS_FILE
+
+    run_dir = Path(run_dir)
+    finetune_eval = run_dir / FINETUNE_STAGE / "eval"
+    sources = {"base": finetune_eval / "base" / METRICS_FILE}
+    sources.update({f"{task} specialist": finetune_eval / task / METRICS_FILE for task in tasks})
+    missing = [str(path) for path in sources.values() if not path.is_file()]
+    if missing:
+        raise FileNotFoundError(f"evaluations {missing} not found; run {FINETUNE_STAGE} first")
+    optional = {"mixed data": finetune_eval / "mixed" / METRICS_FILE}
+
+    baseline_dir = run_dir / BASELINE_STAGE
+    if (baseline_dir / CHECKPOINTS_FILE).is_file():
+        names = list(json.loads((baseline_dir / CHECKPOINTS_FILE).read_text(encoding="utf-8")))
+        optional.update({name: baseline_dir / "eval" / name / METRICS_FILE for name in names})
+    else:
+        logger.info("no baselines: %s not found", baseline_dir / CHECKPOINTS_FILE)
+    for label, path in optional.items():
+        if path.is_file():
+            sources[label] = path
+        else:
+            logger.info("results table without %s: %s not found", label, path)
+    return sources
+
+
+def results_table(
+    sources: Mapping[str, str | Path],
+    task_types: Mapping[str, str],
+    table_metrics: Mapping[str, Sequence[str]] = TABLE_METRICS,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Build the results table and its 95 % intervals from ``evaluate_tasks`` outputs.
+
+    ``sources`` maps each row label to a ``metrics.json``; ``task_types`` maps each task to
+    its type, and ``table_metrics`` each type to its metric keys. Returns ``(values,
+    intervals)``: one column ``"<task> <metric>"`` per task and metric, and in ``intervals`` the
+    columns ``"<task> <metric> low"`` and ``"... high"``. Raises ``ValueError`` when the rows
+    were evaluated on other examples or with other settings than the first row, and ``KeyError``
+    for a metric a row lacks.
+    """
+    documents = {}
+    for label, path in sources.items():
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"evaluation of row {label!r} not found: {path}")
+        documents[label] = json.loads(path.read_text(encoding="utf-8"))
+    if not documents:
+        raise ValueError("no rows; pass at least one metrics.json")
+
+    first, reference = next(iter(documents.items()))
+    reference_key = {k: v for k, v in reference["key"].items() if k != "model"}
+    for label, document in documents.items():
+        key = {k: v for k, v in document["key"].items() if k != "model"}
+        differing = sorted(k for k in set(key) | set(reference_key) if key.get(k) != reference_key.get(k))
+        if differing:
+            raise ValueError(
+                f"row {label!r} was evaluated with other {differing} than row {first!r}; evaluate every row on the"
+                " same test examples with the same settings"
+            )
+
+    values, intervals = {}, {}
+    for label, document in documents.items():
+        row, bounds = {}, {}
+        for task, task_type in task_types.items():
+            metrics = document["metrics"].get(task)
+            if metrics is None:
+                raise KeyError(f"row {label!r} has no metrics for task {task!r}")
+            for metric in table_metrics[task_type]:
+                if metrics.get(metric) is None:
+                    raise KeyError(
+                        f"row {label!r} has no {metric!r} for task {task!r}; add the method that computes it to the"
+                        f" evaluation methods (available: {sorted(metrics)})"
+                    )
+                column = f"{task} {metric}"
+                row[column] = float(metrics[metric])
+                bounds[f"{column} low"] = metrics.get(f"{metric}_ci_low")
+                bounds[f"{column} high"] = metrics.get(f"{metric}_ci_high")
+        values[label], intervals[label] = row, bounds
+    values_table = pd.DataFrame.from_dict(values, orient="index")
+    interval_table = pd.DataFrame.from_dict(intervals, orient="index").astype(float)
+    values_table.index.name = interval_table.index.name = "Method"
+    return values_table, interval_table

@@ -383,3 +383,99 @@ def test_own_share_needs_shares(setup):
     tv = setup["task_vectors"]
     with pytest.raises(ValueError, match="own_share"):
         C.merged_contributions(setup["model"], tv, {}, setup["probe_sets"], [0], deletion="own_share", progress=False)
+
+
+def test_specialists_base_reference(tmp_path):
+    """The recorded fingerprint is compared with base_reference, not with the folder of the base."""
+    from hm_utils.finetune import fingerprint_model
+
+    base = tiny_checkpoint(tmp_path / "base")
+    reference = tiny_checkpoint(tmp_path / "reference", hidden=32)
+    other = tiny_checkpoint(tmp_path / "other", record_sha=fingerprint_model(reference)["sha256"])
+    C.check_specialists(base, {"other": other}, base_reference=reference)
+    with pytest.raises(ValueError, match="another base"):
+        C.check_specialists(base, {"other": other})
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage files: probe settings, probe sets, contributions on disk
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"examples": 0}, "selects no example"),
+        ({"examples": 2.5}, "positive integer or None"),
+        ({"score": {"mcq": "accuracy"}}, "invalid score"),
+        ({"score": {"qa": "option_accuracy"}}, "QA tasks"),
+        ({"batch_size": 0}, "batch_size"),
+    ],
+)
+def test_probe_settings_rejected(arguments, message):
+    with pytest.raises(ValueError, match=message):
+        C.ProbeSettings(**arguments)
+
+
+def test_probe_settings_round_trip():
+    settings = C.ProbeSettings(6, {"mcq": "option_accuracy", "qa": "answer_logprob"}, 4)
+    document = json.loads(json.dumps(settings.to_dict()))
+    assert C.ProbeSettings.from_dict(document) == settings
+    assert settings.score_of("mcq") == "option_accuracy"
+    assert settings.score_of("other") == "answer_logprob"
+
+
+def test_build_probe_sets(setup):
+    settings = C.ProbeSettings(2, {"mcq": "option_accuracy", "qa": "answer_logprob"}, 8)
+    probe_sets = C.build_probe_sets(
+        setup["tokenizer"], {"qa": QA_EXAMPLES, "mcq": MCQ_EXAMPLES}, {"qa": QA_TEMPLATE, "mcq": MCQ_TEMPLATE}, settings
+    )
+    expected = C.build_probe_set(setup["tokenizer"], QA_EXAMPLES[:2], QA_TEMPLATE, "answer_logprob", 8, name="qa")
+
+    assert probe_sets["qa"].n_examples == 2
+    assert probe_sets["mcq"].n_examples == 2
+    assert probe_sets["mcq"].score == "option_accuracy"
+    assert probe_sets["mcq"].n_items == 6
+    assert torch.equal(probe_sets["qa"].batches[0].input_ids, expected.batches[0].input_ids)
+
+
+def test_build_probe_sets_missing_template(setup):
+    with pytest.raises(ValueError, match=r"no prompt template for tasks \['mcq'\]"):
+        C.build_probe_sets(setup["tokenizer"], {"qa": QA_EXAMPLES, "mcq": MCQ_EXAMPLES}, {"qa": QA_TEMPLATE})
+
+
+def test_contributions_files(tmp_path):
+    layers = (2, 5)
+    impacts = {
+        "qa": C.LayerImpacts("qa", layers, -1.5, -2.0, np.array([-1.75, -1.5]), np.array([-1.0, -2.25])),
+        "mcq": C.LayerImpacts("mcq", layers, 50.0, 25.0, np.array([25.0, 50.0]), np.array([50.0, 25.0])),
+    }
+    merged = {task: C.LayerImpacts(task, layers, i.score_model - 0.5, i.score_base, i.score_without, i.score_only)
+              for task, i in impacts.items()}
+    contributions = C.Contributions(
+        ("qa", "mcq"), layers,
+        np.stack([impacts[t].contribution for t in ("qa", "mcq")]),
+        np.stack([merged[t].contribution for t in ("qa", "mcq")]),
+        impacts, merged,
+    )
+    paths = C.write_contributions(contributions, tmp_path, settings={"deletion": "merged_delta"})
+    loaded, settings = C.read_contributions(tmp_path)
+    ranking = json.loads(paths["ranking"].read_text())
+    rows = paths["csv"].read_text().splitlines()
+
+    assert settings == {"deletion": "merged_delta"}
+    assert loaded.layers == layers
+    assert np.array_equal(loaded.specialist, contributions.specialist)
+    assert np.array_equal(loaded.merged, contributions.merged)
+    assert np.array_equal(loaded.merged_impacts["mcq"].score_without, merged["mcq"].score_without)
+    assert loaded.specialist_impacts["qa"].score_model == -1.5
+    assert ranking["Gamma"] == {"2": 1.0, "5": 1.0}
+    assert ranking["ranking"] == [2, 5]
+    assert ranking["conflicting"] == [2, 5]
+    assert rows[0] == "task,layer,c_specialist,c_merged,gamma,Gamma,alpha_specialist,beta_specialist,alpha_merged,beta_merged"
+    assert len(rows) == 5
+
+
+def test_read_contributions_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run the contribution stage"):
+        C.read_contributions(tmp_path)

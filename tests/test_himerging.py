@@ -443,3 +443,357 @@ def test_plan_model_mismatch():
     plan = plan_of([(1.0, 1.0), (1.0, 1.0)], names=("x", "y"))
     with pytest.raises(ValueError, match="differ from the task vectors"):
         H.merge_plan(tv, plan)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage runs on a tiny Llama run folder: inputs, grid search, analysis, resolution, export, tables
+# ---------------------------------------------------------------------------------------------
+
+TASKS = ("defs", "quiz")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Run on one thread: two OpenMP threads on tiny matrices are several times slower on a shared CPU."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def write_metrics(path, model, metrics, test_ids=("t0", "t1"), methods=None):
+    """Write a metrics.json as hm_utils.evaluate.evaluate_tasks does."""
+    key = {
+        "model": model,
+        "tasks": {task: list(test_ids) for task in TASKS},
+        "templates": {"defs": "en_qa_expert", "quiz": "en_mcq_plain"},
+        "methods": methods or {"mcq": ["option", "nll"], "qa": ["generate", "nll"]},
+        "max_new_tokens": {"mcq": 16, "qa": 48},
+        "n_resamples": 100,
+        "seed": 0,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"key": key, "metrics": metrics}), encoding="utf-8")
+    return path
+
+
+def metrics_of(accuracy, bleu, rouge):
+    return {
+        "quiz": {"acc_option_norm": accuracy, "acc_option_norm_ci_low": accuracy - 10, "acc_option_norm_ci_high": accuracy + 10},
+        "defs": {
+            "bleu-4": bleu, "bleu-4_ci_low": bleu - 1, "bleu-4_ci_high": bleu + 1,
+            "rouge-l": rouge, "rouge-l_ci_low": rouge - 2, "rouge-l_ci_high": rouge + 2,
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A run folder with stages 01-03 for a tiny Llama base and two perturbed specialists."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hm_utils.data import Example, write_split
+
+    root = tmp_path_factory.mktemp("run")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=128,
+    )
+    LlamaForCausalLM(config).save_pretrained(root / "base")
+    base = load_state_dict(root / "base")
+    generator = torch.Generator().manual_seed(1)
+    finetune = root / "03_finetune"
+    for task in TASKS:
+        (finetune / task).mkdir(parents=True)
+        perturbed = {k: v + 0.05 * torch.randn(v.shape, generator=generator) for k, v in base.items()}
+        save_state_dict(perturbed, finetune / task)
+        copy_auxiliary_files(root / "base", finetune / task)
+    # Recorded as in another place, as after copying a run folder.
+    (finetune / "checkpoints.json").write_text(json.dumps({task: f"/elsewhere/03_finetune/{task}" for task in TASKS}))
+
+    (root / "01_data").mkdir()
+    (root / "01_data" / "summary.json").write_text(json.dumps({"tasks": {task: {} for task in TASKS}}))
+    examples = {
+        "defs": [Example(f"d{i}", "toy", "en", "qa", "", f"term {i}", f"definition {i}") for i in range(5)],
+        "quiz": [Example(f"q{i}", "toy", "en", "mcq", "", f"question {i}", "B", ("A", "B", "C"), 1) for i in range(5)],
+    }
+    for task, items in examples.items():
+        for split in ("train", "validation", "test"):
+            write_split(items, root / "01_data" / task / f"{split}.json")
+    (root / "02_prompt_tuning").mkdir()
+    (root / "02_prompt_tuning" / "prompts.json").write_text(json.dumps({"defs": "en_qa_expert", "quiz": "en_mcq_plain"}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_stage(tiny_run):
+    """Stage inputs, the loaded tiny base, its task vectors and token-level probe sets."""
+    from transformers import AutoModelForCausalLM
+
+    from hm_utils.contribution import probe_set_from_tokens
+
+    inputs = H.load_stage_inputs(tiny_run, str(tiny_run / "base"), validation_examples=3, test_examples=2)
+    model = AutoModelForCausalLM.from_pretrained(inputs.base_dir, dtype=torch.float32).eval()
+    generator = torch.Generator().manual_seed(2)
+    probes = {}
+    for task in TASKS:
+        prompts = [torch.randint(1, 128, (n,), generator=generator).tolist() for n in (6, 9, 4)]
+        answers = [torch.randint(1, 128, (n,), generator=generator).tolist() for n in (2, 3, 2)]
+        probes[task] = probe_set_from_tokens(prompts, answers, pad_id=0, batch_size=2, name=task)
+    return {"inputs": inputs, "model": model, "task_vectors": inputs.task_vectors(), "probes": probes}
+
+
+def model_state(model):
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+
+
+def test_read_checkpoints_relocated(tiny_run):
+    folders = H.read_checkpoints(tiny_run / "03_finetune")
+    assert folders == {task: (tiny_run / "03_finetune" / task).resolve() for task in TASKS}
+
+
+def test_read_checkpoints_missing(tmp_path):
+    (tmp_path / "checkpoints.json").write_text(json.dumps({"a": "/nowhere/a"}))
+    with pytest.raises(FileNotFoundError, match="not found"):
+        H.read_checkpoints(tmp_path)
+
+
+def test_stage_inputs(tiny_stage, tiny_run):
+    inputs = tiny_stage["inputs"]
+    assert inputs.tasks == TASKS
+    assert [e.id for e in inputs.validation["quiz"]] == ["q0", "q1", "q2"]
+    assert [e.id for e in inputs.test["defs"]] == ["d0", "d1"]
+    assert inputs.task_types == {"defs": "qa", "quiz": "mcq"}
+    assert inputs.templates == {"defs": "en_qa_expert", "quiz": "en_mcq_plain"}
+    assert inputs.base_dir == tiny_run / "base"
+
+
+def test_stage_inputs_missing_template(tiny_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    for stage in ("01_data", "03_finetune"):
+        shutil.copytree(tiny_run / stage, run / stage)
+    (run / "02_prompt_tuning").mkdir()
+    (run / "02_prompt_tuning" / "prompts.json").write_text(json.dumps({"defs": "en_qa_expert"}))
+    with pytest.raises(ValueError, match=r"\['quiz'\] have no prompt template"):
+        H.load_stage_inputs(run, str(tiny_run / "base"))
+
+
+def test_model_wise_search_scores(tiny_stage):
+    from hm_utils.contribution import score_model
+    from hm_utils.merge import apply_delta_
+
+    model, tv, probes = tiny_stage["model"], tiny_stage["task_vectors"], tiny_stage["probes"]
+    before = model_state(model)
+    search = H.model_wise_search(model, tv, probes, H.setting_grid(0.5), progress=False)
+    after = model_state(model)
+
+    assert list(search.scores.columns) == ["task", "p", "s", "score"]
+    assert len(search.scores) == 8
+    for name in before:
+        assert torch.equal(after[name], before[name]), name
+    assert search.base_scores["quiz"] == score_model(model, probes["quiz"])
+    for row in search.scores.itertuples():
+        apply_delta_(model, tv.base, H.model_wise_delta(tv, row.task, H.ModelSetting(row.p, row.s)))
+        assert score_model(model, probes[row.task]) == row.score, row
+    apply_delta_(model, tv.base, {})
+    for task in TASKS:
+        table = search.scores[search.scores.task == task]
+        assert search.best[task] == H.select_setting({(r.p, r.s): r.score for r in table.itertuples()})
+    assert search.grid("defs").shape == (2, 2)
+    assert search.score_kinds == {"defs": "answer_logprob", "quiz": "answer_logprob"}
+
+
+def test_model_wise_search_files(tmp_path):
+    import pandas as pd
+
+    scores = pd.DataFrame(
+        [("a", 0.5, 1.0, -1.5), ("a", 1.0, 1.0, -1.25), ("b", 0.5, 0.5, -0.5), ("b", 1.0, 0.5, -0.75)],
+        columns=["task", "p", "s", "score"],
+    )
+    search = H.ModelWiseSearch(scores, {"a": -2.0, "b": -1.0}, {"a": "answer_logprob", "b": "answer_logprob"})
+    paths = search.write(tmp_path, settings={"grid_step": 0.5})
+
+    assert json.loads(paths["best"].read_text()) == {"a": {"density": 1.0, "weight": 1.0}, "b": {"density": 0.5, "weight": 0.5}}
+    assert H.read_best_settings(tmp_path) == {"a": H.ModelSetting(1.0, 1.0), "b": H.ModelSetting(0.5, 0.5)}
+    assert pd.read_csv(paths["grid"]).equals(scores)
+    summary = json.loads(paths["summary"].read_text())
+    assert summary["best_scores"] == {"a": -1.25, "b": -0.5}
+    assert summary["settings"] == {"grid_step": 0.5}
+
+
+def test_model_wise_search_empty_grid(tiny_stage):
+    with pytest.raises(ValueError, match="grid is empty"):
+        H.model_wise_search(tiny_stage["model"], tiny_stage["task_vectors"], tiny_stage["probes"], [], progress=False)
+
+
+def test_plan_contributions_own_share(tiny_stage):
+    from hm_utils.contribution import contribution_analysis
+
+    model, tv, probes = tiny_stage["model"], tiny_stage["task_vectors"], tiny_stage["probes"]
+    plan = H.initial_plan(TASKS, [H.ModelSetting(0.5, 0.9), H.ModelSetting(0.7, 1.0)], tv.num_layers)
+    result = H.plan_contributions(model, tv, plan, probes, [1, 3], "own_share", progress=False)
+    expected = contribution_analysis(
+        model, tv, H.merge_plan(tv, plan), probes, [1, 3], deletion="own_share",
+        shares=H.merged_shares(tv, plan, [1, 3]), progress=False,
+    )
+    assert np.array_equal(result.specialist, expected.specialist)
+    assert np.array_equal(result.merged, expected.merged)
+
+
+def test_plan_objective_mean_score(tiny_stage):
+    from hm_utils.contribution import score_model
+    from hm_utils.merge import apply_delta_
+
+    model, tv, probes = tiny_stage["model"], tiny_stage["task_vectors"], tiny_stage["probes"]
+    plan = H.initial_plan(TASKS, [H.ModelSetting(0.5, 0.9), H.ModelSetting(0.7, 1.0)], tv.num_layers)
+    value = H.plan_objective(model, tv, probes)(plan)
+    base_score = score_model(model, probes["defs"])
+    apply_delta_(model, tv.base, H.merge_plan(tv, plan))
+    expected = float(np.mean([score_model(model, probes[task]) for task in TASKS]))
+    apply_delta_(model, tv.base, {})
+
+    assert value == expected
+    assert score_model(model, probes["defs"]) == base_score
+
+
+def test_run_hi_merging_recompute(tiny_stage):
+    """With recompute and no_drop, the run's last contributions and objectives are those of its plans."""
+    model, tv, probes = tiny_stage["model"], tiny_stage["task_vectors"], tiny_stage["probes"]
+    plan = H.initial_plan(TASKS, [H.ModelSetting(0.5, 0.9), H.ModelSetting(0.7, 1.0)], tv.num_layers)
+    first = H.plan_contributions(model, tv, plan, probes, None, progress=False)
+    options = H.ResolutionOptions(positive_only=False, recompute=True, acceptance="no_drop")
+    result = H.run_hi_merging(model, tv, plan, first, probes, options)
+    objective = H.plan_objective(model, tv, probes)
+
+    assert len(result.decisions) == tv.num_layers
+    assert result.decisions[0].objective_before == objective(plan)
+    assert result.decisions[-1].objective_before <= objective(result.plan) or not result.decisions[-1].accepted
+    final = H.plan_contributions(model, tv, result.plan, probes, None, specialist_impacts=first.specialist_impacts, progress=False)
+    assert np.array_equal(result.contributions.merged, final.merged)
+    assert np.array_equal(result.contributions.specialist, first.specialist)
+
+
+def test_tables_of_result():
+    plan = plan_of([(0.5, 0.9), (0.3, 1.0)]).with_layer(1, [0.0, 1.0], [0.5, 0.3])
+    first = contributions([[0.5, 0.3], [0.2, 0.4]], [[0.1, 0.2], [0.1, 0.1]])
+    result = H.resolve_conflicts(plan_of([(0.5, 0.9), (0.3, 1.0)]), first)
+    decisions = H.decisions_table(result)
+    table = H.plan_table(plan)
+
+    assert list(decisions["layer"]) == [0, 1]
+    assert list(decisions["case"]) == ["severe", "severe"]
+    assert list(decisions["gamma a"]) == pytest.approx([0.4, 0.1])
+    assert list(decisions["kept"]) == ["a", "b"]
+    assert list(table.columns) == ["a weight", "a density", "b weight", "b density"]
+    assert table.loc[1, "a weight"] == 0.0
+    assert table.loc[0, "b density"] == 0.3
+
+
+def test_write_hi_merging(tmp_path):
+    result = H.resolve_conflicts(plan_of([(0.5, 0.9), (0.3, 1.0)]), contributions([[0.5, 0.3], [0.2, 0.4]], [[0.1, 0.2], [0.1, 0.1]]))
+    paths = H.write_hi_merging(result, tmp_path, "hm", settings={"recompute": False})
+    document = json.loads(paths["json"].read_text())
+
+    assert document["settings"] == {"recompute": False}
+    assert H.LayerPlan.from_dict(document["plan"]) == result.plan
+    assert len(document["decisions"]) == 2
+    assert paths["decisions"].read_text().startswith("layer,case,Gamma")
+
+
+def test_export_plan_reused(tiny_stage, tmp_path):
+    inputs, tv = tiny_stage["inputs"], tiny_stage["task_vectors"]
+    plan = H.initial_plan(TASKS, [H.ModelSetting(0.5, 0.9), H.ModelSetting(0.7, 1.0)], tv.num_layers)
+    first = H.export_plan(plan, inputs, tv.tensor_names, tmp_path, "merge")
+    again = H.export_plan(plan, inputs, tv.tensor_names, tmp_path, "merge")
+    changed = H.export_plan(plan.with_layer(2, [0.0, 1.0], [0.5, 0.7]), inputs, tv.tensor_names, tmp_path, "merge")
+    merged = load_state_dict(changed.model_dir)
+    delta = H.merge_plan(tv, plan.with_layer(2, [0.0, 1.0], [0.5, 0.7]))
+
+    assert first.config_path == tmp_path / "merge.yml"
+    assert again.label == first.label
+    assert changed.label != first.label
+    assert first.label.startswith("merge-")
+    for name in tv.base:
+        assert torch.equal(merged[name], tv.base[name] + delta[name]), name
+
+
+def test_export_plan_not_rerun(tiny_stage, tmp_path):
+    inputs, tv = tiny_stage["inputs"], tiny_stage["task_vectors"]
+    plan = H.initial_plan(TASKS, [H.ModelSetting(1.0, 1.0)] * 2, tv.num_layers)
+    first = H.export_plan(plan, inputs, tv.tensor_names, tmp_path, "merge")
+    stamp = next(first.model_dir.glob("*.safetensors")).stat().st_mtime_ns
+    H.export_plan(plan, inputs, tv.tensor_names, tmp_path, "merge")
+    assert next(first.model_dir.glob("*.safetensors")).stat().st_mtime_ns == stamp
+
+
+def test_results_table_rows(tmp_path):
+    (tmp_path / "04_baselines").mkdir()
+    (tmp_path / "04_baselines" / "checkpoints.json").write_text(json.dumps({"ties": "x", "dare": "y"}))
+    finetune = tmp_path / "03_finetune" / "eval"
+    write_metrics(finetune / "base" / "metrics.json", "base", metrics_of(40.0, 10.0, 20.0))
+    write_metrics(finetune / "defs" / "metrics.json", "defs", metrics_of(40.0, 20.0, 30.0))
+    write_metrics(finetune / "quiz" / "metrics.json", "quiz", metrics_of(60.0, 8.0, 18.0))
+    write_metrics(tmp_path / "04_baselines" / "eval" / "ties" / "metrics.json", "ties", metrics_of(55.0, 15.0, 25.0))
+    sources = H.result_sources(tmp_path, TASKS)
+    values, intervals = H.results_table(sources, {"defs": "qa", "quiz": "mcq"})
+
+    assert list(sources) == ["base", "defs specialist", "quiz specialist", "ties"]
+    assert list(values.columns) == ["defs bleu-4", "defs rouge-l", "quiz acc_option_norm"]
+    assert values.loc["ties"].tolist() == [15.0, 25.0, 55.0]
+    assert intervals.loc["base", "quiz acc_option_norm low"] == 30.0
+    assert intervals.loc["defs specialist", "defs rouge-l high"] == 32.0
+    assert values.index.name == "Method"
+
+
+def test_results_table_other_examples(tmp_path):
+    sources = {
+        "base": write_metrics(tmp_path / "a.json", "base", metrics_of(40.0, 10.0, 20.0)),
+        "merge": write_metrics(tmp_path / "b.json", "merge", metrics_of(50.0, 10.0, 20.0), test_ids=("t0", "t9")),
+    }
+    with pytest.raises(ValueError, match=r"row 'merge' was evaluated with other \['tasks'\]"):
+        H.results_table(sources, {"defs": "qa", "quiz": "mcq"})
+
+
+def test_results_table_missing_metric(tmp_path):
+    sources = {"base": write_metrics(tmp_path / "a.json", "base", metrics_of(40.0, 10.0, 20.0))}
+    with pytest.raises(KeyError, match="'rouge-1'"):
+        H.results_table(sources, {"defs": "qa", "quiz": "mcq"}, {"qa": ["rouge-1"], "mcq": ["acc_option_norm"]})
+
+
+def test_evaluation_settings_match(tiny_stage, tmp_path):
+    reference = write_metrics(tmp_path / "metrics.json", "base", {}, test_ids=("d0", "d1"))
+    document = json.loads(reference.read_text())
+    document["key"]["tasks"] = {"defs": ["d0", "d1"], "quiz": ["q0", "q1"]}
+    reference.write_text(json.dumps(document))
+    methods = {"mcq": ["option", "nll"], "qa": ["generate", "nll"]}
+    tokens = {"mcq": 16, "qa": 48}
+
+    H.check_evaluation_settings(reference, tiny_stage["inputs"], methods, tokens, 100, 0)
+    with pytest.raises(ValueError, match=r"\['n_resamples'\]"):
+        H.check_evaluation_settings(reference, tiny_stage["inputs"], methods, tokens, 1000, 0)
+    with pytest.raises(ValueError, match=r"\['methods'\]"):
+        H.check_evaluation_settings(reference, tiny_stage["inputs"], {"mcq": ["option"]}, tokens, 100, 0)
+
+
+def test_contribution_stage_stale(tmp_path):
+    from hm_utils.contribution import ProbeSettings, write_contributions
+
+    first = contributions([[0.5, 0.3], [0.2, 0.4]], [[0.1, 0.2], [0.1, 0.1]])
+    analysed = {"a": H.ModelSetting(0.5, 1.0), "b": H.ModelSetting(1.0, 1.0)}
+    settings = H.contribution_settings(ProbeSettings(4), [1, 0], "merged_delta", analysed)
+    write_contributions(first, tmp_path / "06_contribution", settings)
+    (tmp_path / "05_model_wise").mkdir()
+    best_path = tmp_path / "05_model_wise" / "best_settings.json"
+    best_path.write_text(json.dumps({"a": {"density": 0.5, "weight": 1.0}, "b": {"density": 1.0, "weight": 1.0}}))
+    stage = H.read_contribution_stage(tmp_path)
+
+    assert stage.layers == (0, 1)
+    assert stage.probe.examples == 4
+    assert stage.model_wise == analysed
+    assert np.array_equal(stage.contributions.gamma, first.gamma)
+    best_path.write_text(json.dumps({"a": {"density": 0.25, "weight": 1.0}, "b": {"density": 1.0, "weight": 1.0}}))
+    with pytest.raises(ValueError, match="rerun 06_contribution"):
+        H.read_contribution_stage(tmp_path)
