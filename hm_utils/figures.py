@@ -81,7 +81,7 @@ def save_figure(figure: plt.Figure, folder: str | Path, stem: str, formats: Sequ
     return written
 
 
-def grid_heatmap(scores: pd.DataFrame, title: str, baseline: float | None = None) -> plt.Figure:
+def grid_heatmap(scores: pd.DataFrame, title: str, baseline: float | None = None, fmt: str = ".3g") -> plt.Figure:
     """Plot a p x s score grid: rows are densities p, columns are scales s.
 
     With ``baseline`` (the base model's score) the colour map is centred on it, so cells
@@ -89,7 +89,7 @@ def grid_heatmap(scores: pd.DataFrame, title: str, baseline: float | None = None
     """
     figure, axis = plt.subplots(figsize=(6.4, 5.2))
     sns.heatmap(
-        scores.sort_index(ascending=False), annot=True, fmt=".2f", cmap="RdBu_r", center=baseline,
+        scores.sort_index(ascending=False), annot=True, fmt=fmt, cmap="RdBu_r", center=baseline,
         cbar_kws={"label": "validation score"}, ax=axis, annot_kws={"fontsize": 7},
     )
     axis.set_xlabel("scale s")
