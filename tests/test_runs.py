@@ -204,3 +204,18 @@ def test_repository_profiles_match_notebooks():
 def test_missing_package_rejected(project):
     with pytest.raises(runs.RunConfigError, match="package 'no_such_package_xyz' is not installed"):
         runs.check_required_modules(("json", "no_such_package_xyz"))
+
+
+def test_profiles_share_evaluation_settings():
+    # Every row of the results table must be scored with the same test settings.
+    shared = ("eval_max_examples", "eval_methods", "max_new_tokens", "n_resamples", "batch_size")
+    stages = ("03_finetune", "04_baselines", "05_model_wise", "07_hi_merging")
+    order, profiles = runs.load_profiles()
+    for name, profile in profiles.items():
+        plan = {planned.name: planned for planned in runs.plan_run(profile, order, runs.DEFAULT_NOTEBOOKS, Path("/tmp/run"))}
+        settings = []
+        for stage in stages:
+            if stage in plan:
+                declared = runs.declared_parameters(plan[stage].path)
+                settings.append({key: plan[stage].parameters.get(key, declared.get(key)) for key in shared})
+        assert all(entry == settings[0] for entry in settings), name
