@@ -184,16 +184,17 @@ def plan_run(
         if undeclared:
             raise RunConfigError(
                 f"notebook {name} does not declare parameter(s) {undeclared}; "
-                f"it declares {sorted(declared)}. Fix the profile or add them to its parameters cell"
+                f"it declares {sorted(declared)}. Fix the profile or the --set option, or add them to its parameters cell"
             )
         missing = [key for key in ALWAYS_INJECTED if key not in declared]
         if missing:
             raise RunConfigError(f"notebook {name} must declare {missing} in its parameters cell")
 
+        # A notebook-specific seed (from the profile or --set) overrides the profile's seed.
         parameters = {key: value for key, value in profile.common.items() if key in declared}
+        parameters["seed"] = profile.seed
         parameters.update(specific)
         parameters["run_dir"] = str(run_dir)
-        parameters["seed"] = profile.seed
         upstream = fingerprint(path.read_bytes(), parameters, upstream)
         planned.append(PlannedNotebook(name, path, parameters, upstream))
     return planned
@@ -209,7 +210,10 @@ def parse_overrides(assignments: list[str], order: list[str]) -> dict[str, dict[
             raise RunConfigError(f"invalid --set {assignment!r}; expected NOTEBOOK.PARAM=VALUE, e.g. 01_data.seed=1")
         if notebook not in order:
             raise RunConfigError(f"unknown notebook {notebook!r} in --set {assignment!r}; choose from {order}")
-        overrides.setdefault(notebook, {})[parameter] = yaml.safe_load(value)
+        try:
+            overrides.setdefault(notebook, {})[parameter] = yaml.safe_load(value)
+        except yaml.YAMLError as error:
+            raise RunConfigError(f"invalid value in --set {assignment!r}: not YAML ({error.problem}); quote strings, close brackets") from None
     return overrides
 
 
@@ -361,7 +365,7 @@ def _run_plan(profile: Profile, plan: list[PlannedNotebook], run_dir: Path, resu
         output_path = run_dir / "executed" / planned.path.name
         entry = entries.get(planned.name, {})
         if resume and entry.get("status") == "done" and entry.get("fingerprint") == planned.fingerprint and output_path.is_file():
-            logger.info("skip %s: done with identical parameters", planned.name)
+            logger.info("skip %s: done with identical source, parameters and upstream notebooks", planned.name)
             continue
 
         entries[planned.name] = {
@@ -394,7 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--profile", default="default", help="parameter profile from the profiles file (smoke, default, paper)")
     parser.add_argument("--profiles-file", default=str(DEFAULT_PROFILES), help="YAML file of profiles")
     parser.add_argument("--run-dir", help="run folder to create or resume (default: papermill_runs/PROFILE-TIMESTAMP)")
-    parser.add_argument("--resume", action="store_true", help="skip notebooks already done with identical parameters; "
+    parser.add_argument("--resume", action="store_true", help="skip notebooks already done with identical source, "
+                        "parameters and upstream notebooks; "
                         "without --run-dir, resumes the newest run of the profile")
     parser.add_argument("--only", nargs="+", metavar="NOTEBOOK", help="run only these notebooks, e.g. 01_data")
     parser.add_argument("--from", dest="start", metavar="NOTEBOOK", help="run this notebook and every one after it")
@@ -410,7 +415,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.list:
             order, profiles = load_profiles(args.profiles_file)
-            print("notebooks:", " ".join(order))
+            present = [name if (DEFAULT_NOTEBOOKS / f"{name}.ipynb").is_file() else f"{name} (not written yet)" for name in order]
+            print("notebooks:", ", ".join(present))
             for name, profile in profiles.items():
                 print(f"profile {name}: offline={profile.offline} seed={profile.seed}")
             return 0

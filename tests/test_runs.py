@@ -168,6 +168,7 @@ def test_from_and_only_select_notebooks():
         ({"only": ["03_absent"]}, "does not exist yet"),
         ({"overrides": ["01_first.colour=red"]}, "does not declare parameter(s) ['colour']"),
         ({"overrides": ["01_first"]}, "expected NOTEBOOK.PARAM=VALUE"),
+        ({"overrides": ["01_first.value=[1"]}, "not YAML"),
     ],
 )
 def test_bad_input_rejected_before_running(project, kwargs, expected):
@@ -219,3 +220,11 @@ def test_profiles_share_evaluation_settings():
                 declared = runs.declared_parameters(plan[stage].path)
                 settings.append({key: plan[stage].parameters.get(key, declared.get(key)) for key in shared})
         assert all(entry == settings[0] for entry in settings), name
+
+
+def test_set_seed_overrides_profile(project):
+    order, profiles = runs.load_profiles(project["profiles"])
+    overrides = runs.parse_overrides(["01_first.seed=7"], order)
+    first, second = runs.plan_run(profiles["smoke"], order, project["notebooks"], Path("/tmp/run"), overrides)
+    assert first.parameters["seed"] == 7
+    assert second.parameters["seed"] == 3
