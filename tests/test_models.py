@@ -114,3 +114,13 @@ def test_embedded_gguf_checksum_verifies():
     spec = models.EMBEDDED_CHECKPOINTS["smollm2-135m"]
     path = models._chunk_paths(spec)[0]
     models.verify_sha256(path, spec.sha256)
+
+
+def test_assembled_candidates_match_recorded_size():
+    # Candidates assembled in this cache (by bench/model_candidates.py) must match the registry.
+    for spec in models.EMBEDDED_CHECKPOINTS.values():
+        assembled = models.cache_dir() / "gguf" / spec.gguf_name
+        if assembled.is_file():
+            assert assembled.stat().st_size == spec.size_bytes, spec.name
+    smollm = models.EMBEDDED_CHECKPOINTS["smollm2-135m"]
+    assert models._chunk_paths(smollm)[0].stat().st_size == smollm.size_bytes
