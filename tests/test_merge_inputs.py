@@ -484,3 +484,35 @@ def test_merge_once_reruns_on_change(tiny, tmp_path, monkeypatch):
     mergekit_runner.merge_with_mergekit_once(config_for(tiny), out, random_seed=1)
     mergekit_runner.merge_with_mergekit_once(config_for(tiny, densities=[0.3, 0.3]), out, random_seed=0)
     assert calls == [{"random_seed": 1}, {"random_seed": 0}]
+
+
+# --- command line -------------------------------------------------------------------------
+
+
+def test_cli_missing_config_one_line(tmp_path, capsys):
+    from hm_utils.merge.__main__ import main
+
+    assert main([str(tmp_path / "absent.yml"), "--dry-run"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: ")
+    assert "absent.yml" in error
+    assert "Traceback" not in error
+
+
+def test_cli_unknown_method_one_line(tiny, tmp_path, capsys):
+    from hm_utils.merge.__main__ import main
+
+    path = write_mergekit_config(config_for(tiny), tmp_path / "merge.yml")
+    path.write_text(path.read_text().replace("merge_method: ties", "merge_method: tiez"))
+    assert main([str(path), "--dry-run"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: ")
+    assert "tiez" in error
+
+
+def test_cli_dry_run_prints_layers(tiny, tmp_path, capsys):
+    from hm_utils.merge.__main__ import main
+
+    path = write_mergekit_config(config_for(tiny), tmp_path / "merge.yml")
+    assert main([str(path), "--dry-run"]) == 0
+    assert "density" in capsys.readouterr().out

@@ -27,14 +27,22 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if not args.dry_run and not args.out:
+        parser.error("--out is required unless --dry-run is given")
+    try:
+        return _run(args)
+    except (ValueError, FileNotFoundError) as error:
+        # Input errors carry the value and the fix in their message; a traceback adds nothing.
+        print(f"error: {error}", file=sys.stderr)
+        return 2
 
+
+def _run(args: argparse.Namespace) -> int:
     config = MergeConfig.from_yaml(args.config)
     if args.dry_run:
         summary = check_merge_inputs(config)
         print(describe_plan(config, plan_merge(config, summary)))
         return 0
-    if not args.out:
-        parser.error("--out is required unless --dry-run is given")
 
     threads = args.threads or None
     if args.engine == "mergekit":
