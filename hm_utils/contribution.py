@@ -71,6 +71,7 @@ import torch
 from tqdm.auto import tqdm
 
 from hm_utils.data import Example
+from hm_utils.files import write_json_atomic, write_text_atomic
 from hm_utils.evaluate import encode_continuations, encode_prompts, sequence_logprobs
 from hm_utils.merge.params import decoder_layer_of
 from hm_utils.merge.task_vectors import TaskVectors, apply_delta_
@@ -934,29 +935,6 @@ def contribution_analysis(
 CONTRIBUTIONS_CSV = "contributions.csv"
 CONTRIBUTIONS_JSON = "contributions.json"
 RANKING_JSON = "ranking.json"
-
-
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write UTF-8 ``text`` to ``path`` through a temporary sibling file and ``os.replace``."""
-    import os
-    import tempfile
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def write_json_atomic(path: str | Path, payload: Any) -> Path:
-    """Write ``payload`` as indented UTF-8 JSON atomically; raises ``ValueError`` on NaN or infinity."""
-    return write_text_atomic(path, json.dumps(payload, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -76,6 +76,7 @@ import torch
 from tqdm.auto import tqdm
 
 from hm_utils.data import Example
+from hm_utils.files import write_json_atomic
 from hm_utils.prompts import OPTION_SEPARATOR, PromptTemplate, option_letters, render_prompt, render_target
 
 logger = logging.getLogger(__name__)
@@ -1168,14 +1169,5 @@ def evaluate_tasks(
 
 
 def _write_json_file(path: Path, payload: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     # Non-finite metrics become null, because JSON has no NaN and readers must not meet one.
-    text = json.dumps(_finite_or_none(payload), ensure_ascii=False, indent=2, allow_nan=False)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_json_atomic(path, _finite_or_none(payload))

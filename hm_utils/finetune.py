@@ -63,6 +63,7 @@ from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 from tqdm.auto import tqdm
 
 from hm_utils.data import Example
+from hm_utils.files import write_json_atomic, write_text_atomic
 from hm_utils.models import resolve_model, sha256_file
 from hm_utils.prompts import PromptTemplate, default_template, get_template, render_prompt, render_target
 
@@ -768,34 +769,19 @@ def train_lora(
 # ---------------------------------------------------------------------------------------------
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _write_json_atomic(path: Path, value: Any) -> None:
-    _write_text_atomic(path, json.dumps(value, ensure_ascii=False, indent=2, allow_nan=False) + "\n")
-
-
 def save_training_log(log: Sequence[StepLog], folder: str | Path) -> tuple[Path, Path]:
     """Write the per-step log as ``train_log.json`` and ``train_log.csv`` into ``folder``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rows = [dataclasses.asdict(entry) for entry in log]
     json_path, csv_path = folder / LOG_JSON, folder / LOG_CSV
-    _write_json_atomic(json_path, rows)
+    write_json_atomic(json_path, rows)
 
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=[field.name for field in dataclasses.fields(StepLog)])
     writer.writeheader()
     writer.writerows(rows)
-    _write_text_atomic(csv_path, buffer.getvalue())
+    write_text_atomic(csv_path, buffer.getvalue())
     return json_path, csv_path
 
 
@@ -942,7 +928,7 @@ def merge_adapter(base_path: str | Path, adapter_path: str | Path, out_dir: str 
             "dtype": "float32",
             "seconds": round(time.perf_counter() - start, 3),
         }
-        _write_json_atomic(staging / RECORD_FILE, record)
+        write_json_atomic(staging / RECORD_FILE, record)
         _replace_dir(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -1077,7 +1063,7 @@ def train_specialist(
             "device": device,
             "versions": _library_versions(),
         }
-        _write_json_atomic(adapter_staging / RECORD_FILE, record)
+        write_json_atomic(adapter_staging / RECORD_FILE, record)
         del model
         _release_memory(device)
         merge_adapter(base_ref, adapter_staging, out_dir)

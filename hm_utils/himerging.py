@@ -865,7 +865,7 @@ class ModelWiseSearch:
 
         ``model_wise.json`` contains the base and best scores, the score kinds and ``settings``.
         """
-        from hm_utils.contribution import write_json_atomic, write_text_atomic
+        from hm_utils.files import write_json_atomic, write_text_atomic
 
         out_dir = Path(out_dir)
         best = self.best
@@ -1101,7 +1101,7 @@ def decisions_table(result: HiMergingResult) -> pd.DataFrame:
 
 def write_hi_merging(result: HiMergingResult, out_dir: str | Path, stem: str, settings: Mapping[str, Any] | None = None) -> dict[str, Path]:
     """Write ``<stem>.json`` (plan, decisions, stop reason, ``settings``), ``<stem>_decisions.csv`` and ``<stem>_plan.csv``."""
-    from hm_utils.contribution import write_json_atomic, write_text_atomic
+    from hm_utils.files import write_json_atomic, write_text_atomic
 
     out_dir = Path(out_dir)
     return {

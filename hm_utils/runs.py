@@ -35,6 +35,8 @@ from typing import Any
 
 import yaml
 
+from hm_utils import files
+
 # Named explicitly so that `python -m hm_utils.runs` logs into run.log as well.
 logger = logging.getLogger("hm_utils.runs")
 
@@ -218,10 +220,8 @@ def parse_overrides(assignments: list[str], order: list[str]) -> dict[str, dict[
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write JSON to ``path`` through a temporary sibling file, so readers never see half a file."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(payload, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
+    """Write the manifest JSON atomically; values JSON cannot encode are written as strings."""
+    files.write_json_atomic(path, payload, default=str)
 
 
 def git_state(repo: Path = REPO_ROOT) -> dict[str, Any]:

@@ -19,13 +19,13 @@ the best value, and tied values share the mean of the ranks they span (``method=
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+
+from hm_utils.files import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -168,16 +168,7 @@ def format_table(
 
 
 def _write_text(path: str | Path, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    path = write_text_atomic(path, text)
     logger.info("wrote %s", path)
     return path
 

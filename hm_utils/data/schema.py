@@ -20,12 +20,12 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import re
-import tempfile
 import unicodedata
 from pathlib import Path
 from typing import Any, Iterable, Literal, get_args
+
+from hm_utils import files
 
 logger = logging.getLogger(__name__)
 
@@ -208,18 +208,7 @@ def write_json_atomic(path: str | Path, payload: Any) -> Path:
 
     Raises ``ValueError`` for NaN or infinity, which JSON cannot represent.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(payload, ensure_ascii=False, indent=1, allow_nan=False) + "\n"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return files.write_json_atomic(path, payload, indent=1)
 
 
 def write_split(examples: Iterable[Example], path: str | Path) -> Path:
