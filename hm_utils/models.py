@@ -6,9 +6,10 @@ sha256 of the result, dequantises it with transformers' GGUF reader and writes a
 transformers folder (fp32 safetensors, config, tokenizer) into a cache outside git. The
 folder is what every later stage, mergekit included, reads.
 
-``resolve_model`` maps any model reference to something ``from_pretrained`` accepts: an
-embedded name to its provisioned folder, a local path to an absolute path (mergekit reads
-a relative path with one ``/`` as a hub id), and anything else to itself as a hub id.
+``resolve_model`` maps any model reference to something ``from_pretrained`` accepts. An
+embedded name becomes its provisioned folder, and a local path becomes an absolute path,
+because mergekit reads a relative path with one ``/`` as a hub id. Anything else is
+returned unchanged as a hub id.
 """
 
 from __future__ import annotations

@@ -332,7 +332,7 @@ def search_templates(
     """Score every candidate template on ``examples`` and return one row per template, best first.
 
     ``candidates`` defaults to the registered templates for the examples' language and task
-    type. Each row holds the template name, the metric's name and value with its bootstrap
+    type. Each row contains the template name, the metric's name and value with its bootstrap
     interval, and the number of examples. ``answer_nll`` ranks lower first, every other metric higher first.
     """
     from hm_utils.evaluate import evaluate_model

@@ -59,7 +59,7 @@ RUN_RECORD_FILE = "hm_merge_run.json"
 
 
 def merge_with_mergekit_once(config: MergeConfig, out_dir: str | Path, *, random_seed: int | None = None) -> Path:
-    """Run ``run_mergekit`` for ``config`` unless ``out_dir`` already holds the same finished merge.
+    """Run ``run_mergekit`` for ``config`` unless ``out_dir`` already contains the same finished merge.
 
     A merge counts as finished when ``out_dir`` contains the same ``mergekit_config.yml`` text
     and a run record with the same ``random_seed``. ``run_mergekit`` only ever renames a
