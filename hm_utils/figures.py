@@ -123,12 +123,14 @@ def quantity_curves(scores: pd.DataFrame, title: str, ylabel: str) -> plt.Figure
     return figure
 
 
-def radar_normalise(scores: pd.DataFrame, base: str, sources: Sequence[str]) -> pd.DataFrame:
+def radar_normalise(
+    scores: pd.DataFrame, base: str, sources: Sequence[str], skip_undefined: bool = False
+) -> pd.DataFrame:
     """Map each column (data set metric) linearly so ``base`` scores 20 and the best source model 80.
 
     ``scores`` has one row per model. Metrics where lower is better must be negated first.
-    Raises ``ValueError`` for a column where the best source model does not differ from
-    the base, because the mapping is then undefined.
+    A column where the best source model scores the same as the base has no mapping: it
+    raises ``ValueError``, or with ``skip_undefined`` it is left out with a warning.
     """
     missing = [name for name in [base, *sources] if name not in scores.index]
     if missing:
@@ -137,6 +139,9 @@ def radar_normalise(scores: pd.DataFrame, base: str, sources: Sequence[str]) -> 
     for column in scores.columns:
         base_score = scores.loc[base, column]
         best_source = scores.loc[list(sources), column].max()
+        if math.isclose(best_source, base_score) and skip_undefined:
+            logger.warning("radar chart without %r: the best source model scores %s, equal to the base", column, best_source)
+            continue
         if math.isclose(best_source, base_score):
             raise ValueError(
                 f"radar_normalise: for {column!r} the best source model scores {best_source}, equal to the base; "
@@ -147,18 +152,41 @@ def radar_normalise(scores: pd.DataFrame, base: str, sources: Sequence[str]) -> 
 
 
 def radar_chart(normalised: pd.DataFrame, title: str) -> plt.Figure:
-    """Plot one polygon per model (row) over the data-set axes (columns)."""
+    """Plot one polygon per model (row) over the data-set axes (columns).
+
+    The radius runs from 0 to 100, or further when a value exceeds 100. A value below 0 (a
+    model worse than the base by more than a third of the base-to-best gap) is drawn at 0.
+    """
     labels = list(normalised.columns)
+    if len(labels) < 3:
+        logger.warning("radar chart with %d axes %s; three or more make a readable polygon", len(labels), labels)
     angles = np.linspace(0, 2 * np.pi, len(labels), endpoint=False).tolist()
     figure, axis = plt.subplots(figsize=(5.4, 5.4), subplot_kw={"polar": True})
+    axis.set_ylim(0, max(100.0, float(np.nanmax(normalised.to_numpy(dtype=float), initial=0.0))))
     for model, row in normalised.iterrows():
-        values = row.tolist()
+        values = np.clip(row.to_numpy(dtype=float), 0.0, None).tolist()
         axis.plot(angles + angles[:1], values + values[:1], label=str(model))
         axis.fill(angles + angles[:1], values + values[:1], alpha=0.08)
     axis.set_xticks(angles)
     axis.set_xticklabels(labels)
     axis.set_title(title)
     axis.legend(loc="upper right", bbox_to_anchor=(1.35, 1.1), frameon=False, fontsize=8)
+    return figure
+
+
+def table_figure(table: pd.DataFrame, title: str, decimals: int = 2) -> plt.Figure:
+    """Render a results table (rows are models) as a figure, numbers with ``decimals`` places."""
+    cells = [[f"{value:.{decimals}f}" for value in row] for row in table.to_numpy(dtype=float)]
+    height = 0.6 + 0.28 * (len(table) + 1)
+    width = 2.2 + 1.25 * len(table.columns)
+    figure, axis = plt.subplots(figsize=(width, height))
+    axis.axis("off")
+    drawn = axis.table(cellText=cells, rowLabels=[str(i) for i in table.index],
+                       colLabels=[str(c).replace(" ", "\n", 1) for c in table.columns], loc="center", cellLoc="right")
+    drawn.auto_set_font_size(False)
+    drawn.set_fontsize(7)
+    drawn.scale(1.0, 1.5)
+    axis.set_title(title)
     return figure
 
 

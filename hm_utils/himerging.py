@@ -1072,6 +1072,30 @@ def run_hi_merging(
     return resolve_conflicts(plan, contributions, options, recompute, objective)
 
 
+def search_plan(
+    model: torch.nn.Module,
+    task_vectors: TaskVectors,
+    probe_sets: Mapping[str, Any],
+    grid: Sequence[ModelSetting],
+    layers: Sequence[int] | None,
+    options: ResolutionOptions = ResolutionOptions(),
+    deletion: str = "merged_delta",
+) -> LayerPlan:
+    """Run the whole Hi-Merging search on ``task_vectors`` and return the final plan.
+
+    The steps of stages 05 to 07 in memory: the model-wise grid (:func:`model_wise_search`),
+    the contributions of the initial merge on ``layers`` (:func:`plan_contributions`) and the
+    conflict resolution (:func:`run_hi_merging`). ``model`` is left at the base weights.
+    """
+    search = model_wise_search(model, task_vectors, probe_sets, grid, progress=False)
+    best = search.best
+    plan = initial_plan(task_vectors.names, [best[name] for name in task_vectors.names], task_vectors.num_layers)
+    contributions = plan_contributions(model, task_vectors, plan, probe_sets, layers, deletion, progress=False)
+    result = run_hi_merging(model, task_vectors, plan, contributions, probe_sets, options, deletion)
+    apply_delta_(model, task_vectors.base, {})
+    return result.plan
+
+
 def plan_table(plan: LayerPlan) -> pd.DataFrame:
     """Return one row per decoder layer with each model's weight and density at that layer."""
     columns = {}

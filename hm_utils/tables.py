@@ -187,10 +187,27 @@ def write_markdown(
     higher_is_better: bool | Mapping[str, bool] = True,
 ) -> Path:
     """Write a GitHub Markdown table (via ``DataFrame.to_markdown``), best values in bold."""
+    return _write_text(path, markdown_table(table, decimals, bold_best, higher_is_better) + "\n")
+
+
+def markdown_table(
+    table: pd.DataFrame,
+    decimals: int = 2,
+    bold_best: bool = True,
+    higher_is_better: bool | Mapping[str, bool] = True,
+) -> str:
+    """Return the table as GitHub Markdown, numbers with ``decimals`` places, best values in bold."""
     formatted = format_table(table, decimals, "**%s**" if bold_best else None, higher_is_better)
     formatted.index.name = table.index.name or "method"
-    text = formatted.to_markdown(colalign=("left",) + ("right",) * len(formatted.columns))
-    return _write_text(path, text + "\n")
+    return formatted.to_markdown(colalign=("left",) + ("right",) * len(formatted.columns))
+
+
+def results_document(title: str, preamble: str, sections: Mapping[str, str]) -> str:
+    """Join a Markdown document: ``# title``, the preamble, then one ``## heading`` and body per section."""
+    parts = [f"# {title}", preamble.strip()]
+    for heading, body in sections.items():
+        parts += [f"## {heading}", body.strip()]
+    return "\n\n".join(parts) + "\n"
 
 
 _LATEX_SPECIAL = {

@@ -51,3 +51,35 @@ def test_save_figure_is_deterministic(tmp_path):
         digests.append([hashlib.sha256(path.read_bytes()).hexdigest() for path in written])
     assert digests[0] == digests[1]
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["heatmap.pdf", "heatmap.png"]
+
+
+def test_radar_normalise_skips_flat_column():
+    scores = pd.DataFrame({"flat": [1.0, 1.0, 3.0], "kept": [1.0, 2.0, 1.5]}, index=["base", "en", "merge"])
+    normalised = figures.radar_normalise(scores, base="base", sources=["en"], skip_undefined=True)
+    assert list(normalised.columns) == ["kept"]
+    assert normalised.loc["merge", "kept"] == pytest.approx(50.0)
+
+
+def test_table_figure_shows_every_cell(tmp_path):
+    figures.set_style()
+    table = pd.DataFrame({"cmekg_mcq_zh acc": [25.0, 31.5], "Avg Rank": [2.0, 1.0]}, index=["base", "Hi-Merging"])
+    figure = figures.table_figure(table, "结果")
+    texts = {cell.get_text().get_text() for cell in figure.axes[0].tables[0].get_celld().values()}
+    assert {"25.00", "31.50", "2.00", "1.00", "base", "Hi-Merging"} <= texts
+
+
+def test_quantity_curves_axis_in_percent():
+    scores = pd.DataFrame({"specialist": [1.0, 2.0], "Hi-Merging": [1.5, 2.5]}, index=[0.2, 1.0])
+    figure = figures.quantity_curves(scores, "defs", "rouge-l")
+    lines = figure.axes[0].get_lines()
+    assert [list(line.get_xdata()) for line in lines] == [[20.0, 100.0], [20.0, 100.0]]
+    assert [line.get_label() for line in lines] == ["specialist", "Hi-Merging"]
+
+
+def test_radar_chart_clips_below_zero():
+    normalised = pd.DataFrame({"a": [20.0, -40.0], "b": [20.0, 80.0], "c": [20.0, 130.0]}, index=["base", "merge"])
+    figure = figures.radar_chart(normalised, "radar")
+    axis = figure.axes[0]
+    merge_line = [line for line in axis.get_lines() if line.get_label() == "merge"][0]
+    assert list(merge_line.get_ydata()) == [0.0, 80.0, 130.0, 0.0]
+    assert axis.get_ylim() == (0.0, 130.0)

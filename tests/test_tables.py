@@ -10,7 +10,9 @@ from hm_utils.tables import (
     avg_improvement,
     build_table,
     latex_escape,
+    markdown_table,
     published_qwen2_table,
+    results_document,
     summary_table,
     write_csv,
     write_latex,
@@ -190,3 +192,13 @@ def test_write_tables_all_formats(published, tmp_path):
     assert sorted(paths) == ["csv", "md", "tex"]
     assert all(p.is_file() for p in paths.values())
     assert paths["md"].name == "main.md"
+
+
+def test_markdown_table_matches_file(published, tmp_path):
+    path = write_markdown(published, tmp_path / "table.md")
+    assert path.read_text(encoding="utf-8") == markdown_table(published) + "\n"
+
+
+def test_results_document_sections():
+    text = results_document("Results", "Scale: 中文 tasks.", {"Table": "| a |\n| - |", "Notes": "none"})
+    assert text == "# Results\n\nScale: 中文 tasks.\n\n## Table\n\n| a |\n| - |\n\n## Notes\n\nnone\n"
