@@ -1,9 +1,9 @@
 """Print the training time of every specialist, the mixed-data model and the data-quantity specialists of a run.
 
 Without ``--retrain`` the script reads the training records that ``hm_utils.finetune`` writes
-beside each checkpoint of ``RUN/03_finetune`` (``train_seconds`` is the wall time of the
-optimiser steps, measured when the model was trained; loading, adapter merging and saving
-are not in it). With ``--retrain OUT`` it trains the same models again into ``OUT``, with the
+beside each checkpoint of ``RUN/03_finetune``. Their ``train_seconds`` is the wall time of the
+optimiser steps, measured when the model was trained. Loading, adapter merging and saving
+are not in it. With ``--retrain OUT`` it trains the same models again into ``OUT``, with the
 settings and data recorded in the run, and prints the wall time of each complete
 ``train_specialist`` call (tokenisation, training, merging the adapter, saving).
 

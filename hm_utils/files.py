@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
+
+# errno values of a full file system or an exhausted disk quota.
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
@@ -35,3 +41,22 @@ def write_json_atomic(path: str | Path, payload: Any, indent: int = 2, default: 
     """
     text = json.dumps(payload, ensure_ascii=False, indent=indent, allow_nan=False, default=default)
     return write_text_atomic(path, text + "\n")
+
+
+@contextlib.contextmanager
+def explain_disk_full(path: str | Path) -> Iterator[None]:
+    """Re-raise a full-disk ``OSError`` from the block as a one-line ``OSError`` that names ``path`` and the fix.
+
+    Other errors pass through unchanged. The caller still removes what it wrote; this only
+    rewords the error, because the default message names no path.
+    """
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in DISK_FULL_ERRNOS:
+            raise
+        raise OSError(
+            error.errno,
+            f"no space left while writing {path} ({os.strerror(error.errno)}); free space on that file system"
+            " or choose another output folder",
+        ) from error

@@ -253,6 +253,24 @@ def provision(name: str = DEFAULT_EMBEDDED_MODEL, root: str | Path | None = None
     return output_dir
 
 
+def looks_like_local_path(reference: str) -> bool:
+    """Return whether a model reference can only be a local path, never a hub id ``owner/name``.
+
+    A reference is a path when it starts with ``./``, ``../``, ``~`` or ``/``, contains more
+    than one ``/``, or contains a path separator and its first component exists locally
+    (``models/base`` next to a ``models`` folder). Only a remaining ``owner/name`` or bare
+    ``name`` is a hub id.
+    """
+    if reference in (".", "..") or reference.startswith(("./", "../", "~", "/")):
+        return True
+    if reference.count("/") > 1:
+        return True
+    if "/" not in reference and os.sep not in reference:
+        return False
+    first = reference.replace(os.sep, "/").split("/")[0]
+    return Path(first).exists()
+
+
 def resolve_model(reference: str | Path) -> str:
     """Return what ``from_pretrained`` and mergekit should be given for ``reference``.
 
@@ -265,8 +283,10 @@ def resolve_model(reference: str | Path) -> str:
     path = Path(reference).expanduser()
     if path.exists():
         return str(path.resolve())
-    if reference.startswith((".", "/", "~")) or reference.count("/") > 1:
-        raise FileNotFoundError(f"model path {reference!r} does not exist")
+    if looks_like_local_path(reference):
+        raise FileNotFoundError(
+            f"local model folder {reference!r} does not exist (resolved to {path.absolute()}); check the path"
+        )
     if os.environ.get("HF_HUB_OFFLINE") == "1":
         raise FileNotFoundError(
             f"model {reference!r} is neither an embedded checkpoint ({sorted(EMBEDDED_CHECKPOINTS)}) "

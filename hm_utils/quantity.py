@@ -56,7 +56,7 @@ def check_fractions(fractions: Sequence[float]) -> list[float]:
 
 
 def fraction_name(fraction: float) -> str:
-    """Return the folder name of a fraction, e.g. ``fraction_020`` for 0.2 (per mille would collide, percent does not)."""
+    """Return the folder name of a fraction in whole percent, e.g. ``fraction_020`` for 0.2."""
     percent = fraction * 100
     if not math.isclose(percent, round(percent)):
         raise ValueError(f"fraction {fraction} is not a whole percentage; use values such as 0.2 or 0.35")
@@ -177,7 +177,7 @@ def baseline_delta(task_vectors: Any, baseline: Any) -> dict[str, Any]:
 
 @dataclasses.dataclass(frozen=True)
 class StudySettings:
-    """How every model of the study is evaluated: methods and token limits per task type, resamples, seed."""
+    """Evaluation settings shared by every model of the study: methods and token limits per task type, resamples, seed."""
 
     methods: Mapping[str, Sequence[str]]
     max_new_tokens: Mapping[str, int] | None = None

@@ -333,7 +333,8 @@ def run(
     package_logger.addHandler(handler)
     package_logger.setLevel(logging.INFO)
     try:
-        return _run_plan(profile, plan, run_dir, resume, kernel_name)
+        with files.explain_disk_full(run_dir):
+            return _run_plan(profile, plan, run_dir, resume, kernel_name)
     finally:
         package_logger.removeHandler(handler)
         package_logger.setLevel(previous_level)
@@ -432,6 +433,12 @@ def main(argv: list[str] | None = None) -> int:
     except (RunConfigError, NotebookFailedError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2 if isinstance(error, RunConfigError) else 1
+    except OSError as error:
+        if error.errno not in files.DISK_FULL_ERRNOS:
+            raise
+        # explain_disk_full already named the run folder and the fix.
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     print(f"run folder: {run_dir}")
     return 0
 

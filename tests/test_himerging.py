@@ -506,7 +506,7 @@ def tiny_run(tmp_path_factory):
     finetune = root / "03_finetune"
     for task in TASKS:
         (finetune / task).mkdir(parents=True)
-        perturbed = {k: v + 0.05 * torch.randn(v.shape, generator=generator) for k, v in base.items()}
+        perturbed = {k: v + 0.005 * torch.randn(v.shape, generator=generator) for k, v in base.items()}
         save_state_dict(perturbed, finetune / task)
         copy_auxiliary_files(root / "base", finetune / task)
     # Recorded as in another place, as after copying a run folder.

@@ -20,7 +20,7 @@ Every merge on disk is described by a ``MergeConfig`` saved as mergekit YAML
 --dry-run`` prints the resolved weight and density per model per decoder layer.
 """
 
-from hm_utils.merge.checks import InputSummary, check_merge_inputs, verify_output
+from hm_utils.merge.checks import InputSummary, check_merge_inputs, check_same_base, verify_output
 from hm_utils.merge.config import (
     CONFIG_FILE_NAME,
     Baseline,
@@ -49,6 +49,7 @@ __all__ = [
     "TensorReader",
     "apply_delta_",
     "check_merge_inputs",
+    "check_same_base",
     "decoder_layer_of",
     "describe_plan",
     "load_baselines",

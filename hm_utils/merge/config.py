@@ -18,15 +18,15 @@ base as an input that then needs a weight. To average the base in, list it among
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import logging
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from hm_utils.files import write_text_atomic
 from hm_utils.merge.methods import check_parameter_names, method_spec
 from hm_utils.merge.params import Setting, per_model_settings
 
@@ -41,6 +41,17 @@ def model_reference(reference: str | Path) -> str:
     from hm_utils.models import resolve_model
 
     return resolve_model(reference)
+
+
+def _absolute_if_local(reference: str) -> str:
+    """Return the absolute path of an existing local folder, else ``reference`` unchanged.
+
+    A relative path in a YAML config is read from the current folder, as mergekit does.
+    Making it absolute keeps ``models/base`` a local folder when the config is saved with
+    the output or run from elsewhere.
+    """
+    path = Path(reference).expanduser()
+    return str(path.resolve()) if path.is_dir() else reference
 
 
 @dataclasses.dataclass
@@ -177,27 +188,33 @@ class MergeConfig:
 
     @classmethod
     def from_mergekit(cls, document: Mapping[str, Any]) -> MergeConfig:
-        """Read the ``models:`` form of a mergekit YAML mapping; other forms raise ``ValueError``."""
-        unsupported = sorted(set(document) - {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype"})
+        """Read the ``models:`` form of a mergekit YAML mapping; other forms raise ``ValueError``.
+
+        Model references that are existing local folders become absolute paths.
+        """
+        keys = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype")
+        unsupported = sorted(set(document) - set(keys))
         if unsupported:
-            raise ValueError(
-                f"config keys {unsupported} are not supported here; use merge_method, base_model, models, parameters, dtype, out_dtype"
-            )
+            matches = difflib.get_close_matches(str(unsupported[0]), keys, n=1)
+            suggestion = f" (did you mean {matches[0]!r}?)" if matches else ""
+            raise ValueError(f"config keys {unsupported} are not supported here{suggestion}; use {', '.join(keys)}")
         if "merge_method" not in document or "models" not in document:
             raise ValueError("a merge config needs 'merge_method' and 'models'")
         base_model = document.get("base_model")
+        base_model = None if base_model is None else _absolute_if_local(str(base_model))
         models = []
         for entry in document["models"]:
             if not isinstance(entry, Mapping) or "model" not in entry:
                 raise ValueError(f"invalid models entry {entry!r}; expected {{model: PATH, parameters: {{...}}}}")
-            if base_model is not None and entry["model"] == base_model and not entry.get("parameters"):
+            model = _absolute_if_local(str(entry["model"]))
+            if base_model is not None and model == base_model and not entry.get("parameters"):
                 # mergekit examples list the base among the models without parameters; it adds nothing.
                 continue
-            models.append(ModelEntry(str(entry["model"]), dict(entry.get("parameters") or {})))
+            models.append(ModelEntry(model, dict(entry.get("parameters") or {})))
         return cls(
             merge_method=document["merge_method"],
             models=models,
-            base_model=None if base_model is None else str(base_model),
+            base_model=base_model,
             parameters=dict(document.get("parameters") or {}),
             dtype=document.get("dtype"),
             out_dtype=document.get("out_dtype"),
@@ -250,12 +267,7 @@ def write_mergekit_config(config: MergeConfig, path: str | Path) -> Path:
     path = Path(path)
     if path.is_dir():
         path = path / CONFIG_FILE_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = mergekit_yaml(config)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False, encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(handle.name, path)
-    return path
+    return write_text_atomic(path, mergekit_yaml(config))
 
 
 @dataclasses.dataclass(frozen=True)

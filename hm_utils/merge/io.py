@@ -33,10 +33,7 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_SINGLE = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
 
-# Files copied from the base model folder next to merged weights.
-AUXILIARY_FILES = (
-    "config.json",
-    "generation_config.json",
+TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
@@ -46,6 +43,8 @@ AUXILIARY_FILES = (
     "added_tokens.json",
     "chat_template.jinja",
 )
+# Files copied from the base model folder next to merged weights.
+AUXILIARY_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES)
 
 DEFAULT_SHARD_BYTES = 5_000_000_000
 
@@ -306,9 +305,13 @@ class SafetensorsStreamWriter:
             # Pad with spaces so tensor data starts 8-byte aligned, as the reference writer does.
             encoded += b" " * (-len(encoded) % 8)
             handle = (self.folder / file_name).open("wb")
-            handle.write(struct.pack("<Q", len(encoded)))
-            handle.write(encoded)
             self._files.append(handle)
+            try:
+                handle.write(struct.pack("<Q", len(encoded)))
+                handle.write(encoded)
+            except BaseException:
+                self._close_files()
+                raise
             for name, dtype, shape in shard:
                 self._queue.append((name, dtype, shape, len(self._files) - 1))
         self._position = 0
@@ -333,9 +336,12 @@ class SafetensorsStreamWriter:
         self._files[file_index].write(memoryview(data))
         self._position += 1
 
-    def close(self) -> None:
+    def _close_files(self) -> None:
         for handle in self._files:
             handle.close()
+
+    def close(self) -> None:
+        self._close_files()
         if self._position != len(self._queue):
             missing = [entry[0] for entry in self._queue[self._position :]]
             raise ValueError(f"{len(missing)} declared tensors were not written, first {missing[0]}")
@@ -347,8 +353,7 @@ class SafetensorsStreamWriter:
         if exc_type is None:
             self.close()
         else:
-            for handle in self._files:
-                handle.close()
+            self._close_files()
 
 
 def save_state_dict(state: dict[str, torch.Tensor], folder: str | Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
@@ -359,10 +364,10 @@ def save_state_dict(state: dict[str, torch.Tensor], folder: str | Path, max_shar
             writer.write(name, tensor)
 
 
-def copy_auxiliary_files(source: str | Path, target: str | Path) -> list[str]:
-    """Copy config, generation config and tokenizer files from ``source`` to ``target``."""
+def copy_auxiliary_files(source: str | Path, target: str | Path, names: Iterable[str] = AUXILIARY_FILES) -> list[str]:
+    """Copy config, generation config and tokenizer files (or only ``names``) from ``source`` to ``target``."""
     copied = []
-    for name in AUXILIARY_FILES:
+    for name in names:
         file = Path(source) / name
         if file.is_file():
             shutil.copy2(file, Path(target) / name)
@@ -370,11 +375,41 @@ def copy_auxiliary_files(source: str | Path, target: str | Path) -> list[str]:
     return copied
 
 
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_staging(out_dir: Path) -> list[Path]:
+    """Remove temporary siblings of ``out_dir`` left by a process that was killed; return them.
+
+    ``atomic_output_dir`` puts its process id into their names. A sibling whose process no
+    longer runs is removed. NOTE: on a file system shared between machines, a process id
+    from another machine can look dead here, so give each machine its own output folders.
+    """
+    removed = []
+    for kind in ("tmp", "old"):
+        for sibling in out_dir.parent.glob(f".{out_dir.name}.{kind}-*-*"):
+            pid_text = sibling.name[len(f".{out_dir.name}.{kind}-") :].split("-", 1)[0]
+            if pid_text.isdigit() and int(pid_text) != os.getpid() and not _process_alive(int(pid_text)):
+                shutil.rmtree(sibling, ignore_errors=True)
+                removed.append(sibling)
+    if removed:
+        logger.info("removed folders of interrupted writes to %s: %s", out_dir, [path.name for path in removed])
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out_dir: str | Path, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary sibling folder that replaces ``out_dir`` when the block succeeds.
 
     On an exception the temporary folder is removed and ``out_dir`` is left as it was.
+    Temporary siblings of a killed earlier write are removed first (``remove_stale_staging``).
     An existing ``out_dir`` is replaced only if ``overwrite`` is true, otherwise
     ``FileExistsError`` is raised before anything is written.
     """
@@ -382,7 +417,8 @@ def atomic_output_dir(out_dir: str | Path, overwrite: bool = True) -> Iterator[P
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} exists; pass overwrite=True or choose another output folder")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+    remove_stale_staging(out_dir)
+    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-{os.getpid()}-"))
     try:
         yield staging
     except BaseException:
@@ -391,7 +427,7 @@ def atomic_output_dir(out_dir: str | Path, overwrite: bool = True) -> Iterator[P
 
     old = None
     if out_dir.exists():
-        old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-"))
+        old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-{os.getpid()}-"))
         os.replace(out_dir, old / "previous")
     os.replace(staging, out_dir)
     if old is not None:

@@ -26,14 +26,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from enum import Enum
 from typing import Any
 
 import torch
 
-from hm_utils.merge.sparsify import della_prune, magnitude_prune, outlier_prune, random_prune
+from hm_utils.merge.sparsify import della_prune, inplace_in_chunks, magnitude_prune, outlier_prune, random_prune
 
 
 class Sparsification(str, Enum):
@@ -104,7 +105,13 @@ def method_spec(method: str) -> MethodSpec:
     try:
         return METHODS[method]
     except KeyError:
-        raise ValueError(f"unknown merge method {method!r}; valid methods: {', '.join(METHODS)}") from None
+        raise ValueError(f"unknown merge method {method!r}{_did_you_mean(method, METHODS)}; valid methods: {', '.join(METHODS)}") from None
+
+
+def _did_you_mean(name: object, valid: Iterable[str]) -> str:
+    """Return ``" (did you mean 'x'?)"`` for the closest valid name, or an empty string."""
+    matches = difflib.get_close_matches(str(name), list(valid), n=1)
+    return f" (did you mean {matches[0]!r}?)" if matches else ""
 
 
 @contextlib.contextmanager
@@ -130,7 +137,21 @@ def check_parameter_names(method: str, names: Sequence[str], where: str = "param
     unknown = [name for name in names if name not in spec.parameter_names]
     if unknown:
         raise ValueError(
-            f"unknown {where} {unknown} for merge method {method!r}; valid parameters: {', '.join(spec.parameter_names)}"
+            f"unknown {where} {unknown}{_did_you_mean(unknown[0], spec.parameter_names)} for merge method {method!r};"
+            f" valid parameters: {', '.join(spec.parameter_names)}"
+        )
+
+
+def check_weight_sum(weights: Sequence[float], normalize: bool, where: str) -> None:
+    """Raise ``ValueError`` when ``normalize`` would divide by weights that sum to zero.
+
+    mergekit 0.1.5 divides ``linear`` by the zero sum (NaN output) and silently skips the
+    division for the other methods. Both are rejected here before any weights load.
+    """
+    if normalize and abs(math.fsum(weights)) < 1e-8:
+        raise ValueError(
+            f"weights {list(weights)} of {where} sum to zero and normalize is true, so the merge would divide by zero;"
+            " set normalize: false or give weights with a nonzero sum"
         )
 
 
@@ -147,17 +168,21 @@ def sparsify_delta(
     gamma: float = 0.01,
     epsilon: float = 0.15,
     generator: torch.Generator | None = None,
+    inplace: bool = False,
 ) -> torch.Tensor:
-    """Apply the method's sparsification to one delta (identity for methods without one)."""
+    """Apply the method's sparsification to one delta (identity for methods without one).
+
+    With ``inplace`` the result may overwrite ``delta``.
+    """
     if spec.sparsification is None:
         return delta
     if spec.sparsification is Sparsification.MAGNITUDE:
-        return magnitude_prune(delta, density, rescale)
+        return magnitude_prune(delta, density, rescale, inplace=inplace)
     if spec.sparsification is Sparsification.RANDOM:
-        return random_prune(delta, density, rescale, generator)
+        return random_prune(delta, density, rescale, generator, inplace=inplace)
     if spec.sparsification is Sparsification.MAGNITUDE_OUTLIERS:
-        return outlier_prune(delta, density, gamma, rescale)
-    return della_prune(delta, density, epsilon, rescale, generator)
+        return outlier_prune(delta, density, gamma, rescale, inplace=inplace)
+    return della_prune(delta, density, epsilon, rescale, generator, inplace=inplace)
 
 
 def merge_tensor(
@@ -173,13 +198,16 @@ def merge_tensor(
     gammas: Sequence[float] | None = None,
     epsilons: Sequence[float] | None = None,
     generator: torch.Generator | None = None,
+    inplace: bool = False,
 ) -> torch.Tensor:
     """Merge the deltas of one tensor and return the merged delta ``Δ`` (module docstring).
 
     ``weights``, ``densities``, ``gammas`` and ``epsilons`` hold one number per delta.
     ``normalize`` and ``rescale`` default to the method's defaults; ``scale`` is
     mergekit's ``lambda``. ``base`` is needed only by ``linear`` without normalisation.
-    Random methods draw from ``generator`` (the global RNG when ``None``).
+    Random methods draw from ``generator`` (the global RNG when ``None``). ``inplace``
+    lets the merge overwrite ``deltas``, which saves one tensor per model; the result
+    is the same.
     """
     spec = method_spec(method)
     count = len(deltas)
@@ -204,10 +232,12 @@ def merge_tensor(
     # Weighted, sparsified deltas d_m; multiplying by 1.0 is exact, so it is skipped.
     kept = []
     for index, delta in enumerate(deltas):
-        sparse = sparsify_delta(delta, spec, densities[index], rescale, gammas[index], epsilons[index], generator)
+        sparse = sparsify_delta(
+            delta, spec, densities[index], rescale, gammas[index], epsilons[index], generator, inplace=inplace
+        )
         if float(weights[index]) != 1.0:
-            sparse = sparse * weight_tensors[index]
-        elif sparse is delta:
+            sparse = sparse.mul_(weight_tensors[index]) if inplace or sparse is not delta else sparse * weight_tensors[index]
+        elif sparse is delta and not inplace:
             sparse = delta.clone()
         kept.append(sparse)
         del sparse
@@ -228,21 +258,25 @@ def merge_tensor(
                 merged /= divisor
     else:
         # Entry m agrees when sign(d_m) equals the elected sign of the sum (+1 for a zero
-        # sum); zeros never agree. copysign gives -1 only for a negative sum or -0, and a
-        # -0 sum means every d_m is zero, so no entry agrees either way.
-        elected = torch.ones((), dtype=total.dtype).copysign(total)
+        # sum); zeros never agree. The sign bit is set only for a negative sum or -0, and
+        # a -0 sum means every d_m is zero, so no entry agrees either way. The elected sign
+        # is kept as a boolean, which takes less memory than mergekit's ±1 tensor.
+        elected_positive = torch.signbit(total).logical_not_()
+        # The buffer of the sum becomes the divisor.
+        divisor = total.zero_() if normalize else None
+        del total
         merged = None
-        divisor = None
         for sparse, weight in zip(kept, weight_tensors):
-            agree = (sparse * elected) > 0
-            contribution = sparse.mul_(agree)
+            agree = torch.where(elected_positive, sparse > 0, sparse < 0)
+            contribution = inplace_in_chunks(sparse, "mul_", agree)
             merged = contribution if merged is None else merged.add_(contribution)
             if normalize:
-                share = agree * weight
-                divisor = share if divisor is None else divisor.add_(share)
-        del kept, total, elected
+                # Adds exactly the weight where the entry agrees, as mergekit's sum of weight * mask.
+                inplace_in_chunks(divisor, "add_", agree, alpha=weight.item())
+            del agree
+        del kept, elected_positive
         if normalize:
-            divisor += divisor == 0
+            inplace_in_chunks(divisor, "add_", divisor == 0)
             merged /= divisor
 
     if scale != 1:

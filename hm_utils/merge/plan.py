@@ -8,7 +8,7 @@ from typing import Any
 
 from hm_utils.merge.checks import InputSummary
 from hm_utils.merge.config import MergeConfig
-from hm_utils.merge.methods import check_density, method_spec
+from hm_utils.merge.methods import check_density, check_weight_sum, method_spec
 from hm_utils.merge.params import decoder_layer_of, layer_position, resolve
 
 
@@ -38,7 +38,11 @@ class TensorPlan:
 
 
 def plan_tensor(config: MergeConfig, tensor_name: str, num_layers: int) -> TensorPlan:
-    """Resolve every parameter of one tensor; raises ``ValueError`` for an invalid density or epsilon."""
+    """Resolve every parameter of one tensor.
+
+    Raises ``ValueError`` for an invalid density or epsilon, and for weights that sum to
+    zero under ``normalize``.
+    """
     spec = method_spec(config.merge_method)
     t = layer_position(tensor_name, num_layers)
     model_defaults = spec.model_parameters
@@ -66,6 +70,7 @@ def plan_tensor(config: MergeConfig, tensor_name: str, num_layers: int) -> Tenso
                     )
 
     shared = {name: resolve(name, [config.parameters], tensor_name, t, default) for name, default in shared_defaults.items()}
+    check_weight_sum(per_model["weight"], bool(shared["normalize"]), tensor_name)
     return TensorPlan(
         name=tensor_name,
         layer=decoder_layer_of(tensor_name),

@@ -26,6 +26,8 @@ generator state they produce the same masks.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 RESCALE_EPS = 1e-7
@@ -36,11 +38,43 @@ _SAMPLE_SIZE = 1 << 18
 
 def rescale_l1(original: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
     """Scale ``masked`` so that its L1 norm equals that of ``original`` (mergekit's ``l1`` rescale)."""
-    before = original.abs().sum()
+    return _rescale_to_norm(original.abs().sum(), masked, inplace=False)
+
+
+def _rescale_to_norm(before: torch.Tensor, masked: torch.Tensor, inplace: bool) -> torch.Tensor:
     after = masked.abs().sum()
     if before < RESCALE_EPS or after < RESCALE_EPS:
         return masked
-    return masked * (before / after)
+    return masked.mul_(before / after) if inplace else masked * (before / after)
+
+
+# Elements per chunk in inplace_in_chunks: 4 MiB of float32.
+_CHUNK_ELEMENTS = 1 << 20
+
+
+def inplace_in_chunks(target: torch.Tensor, method: str, mask: torch.Tensor, **options: Any) -> torch.Tensor:
+    """Call the in-place ``target.<method>(mask, **options)`` chunk by chunk and return ``target``.
+
+    torch 2.13 converts a boolean operand of an in-place float op into a full float copy
+    first; chunks bound that copy to 4 MiB. The result is the same as one call.
+    """
+    if not (target.is_contiguous() and mask.is_contiguous()):
+        return getattr(target, method)(mask, **options)
+    flat_target, flat_mask = target.view(-1), mask.view(-1)
+    for start in range(0, flat_target.numel(), _CHUNK_ELEMENTS):
+        stop = start + _CHUNK_ELEMENTS
+        getattr(flat_target[start:stop], method)(flat_mask[start:stop], **options)
+    return target
+
+
+def _apply_mask(delta: torch.Tensor, mask: torch.Tensor, rescale: bool, inplace: bool) -> torch.Tensor:
+    """Return ``delta * mask``, L1-rescaled if asked; with ``inplace`` the product overwrites ``delta``."""
+    if not inplace:
+        masked = delta * mask
+        return rescale_l1(delta, masked) if rescale else masked
+    before = delta.abs().sum() if rescale else None
+    masked = delta.mul_(mask)
+    return _rescale_to_norm(before, masked, inplace=True) if rescale else masked
 
 
 def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -109,18 +143,22 @@ def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
     return _top_k_mask(magnitudes, k).reshape(delta.shape)
 
 
-def magnitude_prune(delta: torch.Tensor, density: float, rescale: bool = False) -> torch.Tensor:
-    """Keep the ``max(1, floor(density n))`` largest-magnitude entries of ``delta``; zero the rest."""
+def magnitude_prune(delta: torch.Tensor, density: float, rescale: bool = False, inplace: bool = False) -> torch.Tensor:
+    """Keep the ``max(1, floor(density n))`` largest-magnitude entries of ``delta``; zero the rest.
+
+    With ``inplace`` the result overwrites ``delta``, here and in the other prune functions.
+    """
     if density >= 1:
         return delta
     if density <= 0 or delta.numel() == 0:
-        return torch.zeros_like(delta)
+        return delta.zero_() if inplace else torch.zeros_like(delta)
 
-    masked = delta * magnitude_mask(delta, density)
-    return rescale_l1(delta, masked) if rescale else masked
+    return _apply_mask(delta, magnitude_mask(delta, density), rescale, inplace)
 
 
-def outlier_prune(delta: torch.Tensor, density: float, gamma: float = 0.01, rescale: bool = False) -> torch.Tensor:
+def outlier_prune(
+    delta: torch.Tensor, density: float, gamma: float = 0.01, rescale: bool = False, inplace: bool = False
+) -> torch.Tensor:
     """Drop the ``gamma`` fraction of largest and the smallest entries, keeping ``floor(density n)``."""
     if density >= 1:
         return delta
@@ -142,8 +180,7 @@ def outlier_prune(delta: torch.Tensor, density: float, gamma: float = 0.01, resc
             upper &= ~_top_k_mask(magnitudes, drop)
         mask = upper.reshape(delta.shape)
 
-    masked = delta * mask.to(delta.dtype)
-    return rescale_l1(delta, masked) if rescale else masked
+    return _apply_mask(delta, mask.to(delta.dtype), rescale, inplace)
 
 
 def random_prune(
@@ -151,6 +188,7 @@ def random_prune(
     density: float,
     rescale: bool = True,
     generator: torch.Generator | None = None,
+    inplace: bool = False,
 ) -> torch.Tensor:
     """Keep each entry with probability ``density`` (DARE); draws like ``mergekit.sparsify.bernoulli``."""
     if density >= 1:
@@ -164,9 +202,8 @@ def random_prune(
     mask = torch.bernoulli(torch.full_like(delta, density, dtype=work_dtype), generator=generator)
 
     work = delta.to(work_dtype)
-    masked = work * mask
-    if rescale:
-        masked = rescale_l1(work, masked)
+    # Only a tensor that is still delta's own buffer may be overwritten.
+    masked = _apply_mask(work, mask, rescale, inplace and work is delta)
     return masked.to(delta.dtype)
 
 
@@ -176,12 +213,13 @@ def della_prune(
     epsilon: float = 0.15,
     rescale: bool = True,
     generator: torch.Generator | None = None,
+    inplace: bool = False,
 ) -> torch.Tensor:
     """Keep entries with probability rising linearly with their magnitude rank in their row (DELLA)."""
     if density >= 1:
         return delta
     if density <= 0:
-        return torch.zeros_like(delta)
+        return delta.zero_() if inplace else torch.zeros_like(delta)
     if density + epsilon >= 1 or density - epsilon <= 0:
         raise ValueError(
             f"DELLA needs density +/- epsilon inside (0, 1); got density {density}, epsilon {epsilon}"
@@ -197,17 +235,18 @@ def della_prune(
     # Rank 1..c of each entry within its row; inverting the sort permutation by scatter
     # gives the same ranks as mergekit's argsort of the argsort.
     order = torch.argsort(magnitudes, dim=1, descending=False)
+    del magnitudes
     positions = torch.arange(1, rows.shape[1] + 1, dtype=work_dtype).expand_as(order)
     ranks = torch.empty(order.shape, dtype=work_dtype).scatter_(1, order, positions)
     del order, positions
 
+    # (density - epsilon) + clamp((rank - 1) / (c - 1), 0, 1) * 2 * epsilon, computed in the
+    # buffer of the ranks with the same operations and roundings.
     columns = rows.shape[1]
-    rank_fraction = ((ranks - 1) / (columns - 1)).clamp(0, 1)
-    probabilities = (density - epsilon) + rank_fraction * 2 * epsilon
+    probabilities = ranks.sub_(1).div_(columns - 1).clamp_(0, 1).mul_(2).mul_(epsilon).add_(density - epsilon)
     mask = torch.bernoulli(probabilities, generator=generator).to(work_dtype)
+    del probabilities, ranks
 
     work = rows.to(work_dtype)
-    masked = work * mask
-    if rescale:
-        masked = rescale_l1(work, masked)
+    masked = _apply_mask(work, mask, rescale, inplace and work.data_ptr() == delta.data_ptr() and work.dtype == delta.dtype)
     return masked.to(delta.dtype).reshape(delta.shape)

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from hm_utils.merge.io import all_finite, load_state_dict
-from hm_utils.merge.methods import check_density, check_parameter_names, merge_tensor, method_spec, torch_threads
+from hm_utils.merge.methods import check_density, check_parameter_names, check_weight_sum, merge_tensor, method_spec, torch_threads
 from hm_utils.merge.params import (
     check_finite,
     decoder_layer_of,
@@ -258,6 +258,7 @@ def _merge_one_tensor(
         parameter: _resolved(shared[parameter], tensor_name, t, default) if parameter in shared else default
         for parameter, default in shared_defaults.items()
     }
+    check_weight_sum([float(weight) for weight in values["weight"]], bool(settings["normalize"]), f"tensor {tensor_name}")
 
     return merge_tensor(
         [delta[tensor_name] for delta in task_vectors.deltas],
