@@ -13,3 +13,14 @@ def base_checkpoint():
     from hm_utils.models import provision
 
     return provision("smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Run a module's tests on one torch thread: two threads on a CPU shared with other jobs run several times slower."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

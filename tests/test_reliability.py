@@ -55,13 +55,7 @@ from hm_utils.models import resolve_model
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    # Two torch threads on a CPU shared with other jobs run several times slower than one.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def reject_weight_reads(monkeypatch):
