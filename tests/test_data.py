@@ -433,3 +433,13 @@ def test_public_task_too_small_fails(tmp_path):
             prepare_task(name, seed=0, source=str(FIXTURES / "cmexam.csv"))
     finally:
         TASKS.pop(name)
+
+
+def test_data_list_missing_source_one_line(capsys):
+    from hm_utils.data.__main__ import main
+
+    assert main(["list", "--source", "cmedqa2_zh=/missing/path"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: ")
+    assert "/missing/path" in error
+    assert error.count("\n") == 1

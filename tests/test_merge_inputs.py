@@ -457,6 +457,13 @@ def test_config_rejects_unsupported_key(tiny):
         MergeConfig.from_mergekit(document)
 
 
+def test_config_rejects_misspelled_model_key(tiny):
+    document = config_for(tiny).to_mergekit()
+    document["models"][0]["paramters"] = document["models"][0].pop("parameters")
+    with pytest.raises(ValueError, match="unknown keys \\['paramters'\\] \\(did you mean 'parameters'\\?\\)"):
+        MergeConfig.from_mergekit(document)
+
+
 # --- merging once -------------------------------------------------------------------------
 
 

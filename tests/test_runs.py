@@ -1,5 +1,6 @@
 import json
 import os
+import stat
 from pathlib import Path
 
 import nbformat
@@ -228,3 +229,14 @@ def test_set_seed_overrides_profile(project):
     first, second = runs.plan_run(profiles["smoke"], order, project["notebooks"], Path("/tmp/run"), overrides)
     assert first.parameters["seed"] == 7
     assert second.parameters["seed"] == 3
+
+
+def test_atomic_text_mode_follows_umask(tmp_path):
+    from hm_utils.files import write_text_atomic
+
+    previous = os.umask(0o022)
+    try:
+        path = write_text_atomic(tmp_path / "table.csv", "a,b\n")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644

@@ -78,13 +78,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
-    rows = task_rows(args.seed, _parse_sources(args.source))
+    try:
+        rows = task_rows(args.seed, _parse_sources(args.source))
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps(rows, ensure_ascii=False, indent=1))
     else:
         caps = ", ".join(f"{split} {cap}" for split, cap in DEFAULT_CAPS.items())
         print(format_table(rows))
-        print(f"\nsizes use seed {args.seed} and the default caps ({caps}); '-' means not loaded")
+        print(f"\nsizes use seed {args.seed} and this command's caps ({caps}), not a profile's; '-' means not loaded")
     return 0
 
 

@@ -206,6 +206,13 @@ class MergeConfig:
         for entry in document["models"]:
             if not isinstance(entry, Mapping) or "model" not in entry:
                 raise ValueError(f"invalid models entry {entry!r}; expected {{model: PATH, parameters: {{...}}}}")
+            unknown = sorted(set(entry) - {"model", "parameters"})
+            if unknown:
+                matches = difflib.get_close_matches(str(unknown[0]), ["model", "parameters"], n=1)
+                suggestion = f" (did you mean {matches[0]!r}?)" if matches else ""
+                raise ValueError(
+                    f"models entry {entry['model']!r} has unknown keys {unknown}{suggestion}; use model and parameters"
+                )
             model = _absolute_if_local(str(entry["model"]))
             if base_model is not None and model == base_model and not entry.get("parameters"):
                 # mergekit examples list the base among the models without parameters; it adds nothing.
