@@ -62,7 +62,7 @@ def two_runs(tmp_path_factory):
     run_smoke(first)
     run_smoke(second)
     yield first, second
-    # Each run folder holds about 5 GB of checkpoints and merges.
+    # Each run folder contains about 5 GB of checkpoints and merges.
     shutil.rmtree(first.parent, ignore_errors=True)
 
 
