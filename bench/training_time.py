@@ -30,31 +30,43 @@ import pandas as pd  # noqa: E402
 from hm_utils import finetune, quantity  # noqa: E402
 
 
-def recorded_checkpoints(finetune_dir: Path) -> dict[str, Path]:
-    """Return every trained checkpoint of a fine-tuning stage folder, by label."""
-    checkpoints_file = finetune_dir / "checkpoints.json"
-    if not checkpoints_file.is_file():
-        raise SystemExit(f"error: {checkpoints_file} not found; run 03_finetune on this run folder first")
-    folders = {name: Path(path) for name, path in json.loads(checkpoints_file.read_text(encoding="utf-8")).items()}
+def recorded_checkpoints(finetune_dir: Path) -> list[tuple[str, Path, str, float]]:
+    """Return ``(label, folder, task, fraction)`` for every checkpoint of a fine-tuning stage folder.
+
+    ``task`` is ``"mixed"`` for the mixed-data model, and ``fraction`` is 1 except for the
+    data-quantity specialists.
+    """
+    from hm_utils.himerging import read_checkpoints
+
+    try:
+        folders = read_checkpoints(finetune_dir)
+    except FileNotFoundError as error:
+        raise SystemExit(f"error: {error}") from None
+    checkpoints = [(name, folder, name, 1.0) for name, folder in folders.items()]
     if (finetune_dir / "quantity" / quantity.QUANTITY_FILE).is_file():
         for fraction, per_task in quantity.read_fractions(finetune_dir / "quantity").items():
             if fraction < 1.0:
-                folders.update({f"{task} @ {fraction:.0%}": path for task, path in per_task.items()})
-    return folders
+                checkpoints += [(f"{task} @ {fraction:.0%}", path, task, fraction) for task, path in per_task.items()]
+    return checkpoints
 
 
-def recorded_times(folders: dict[str, Path]) -> pd.DataFrame:
+def read_training_record(folder: Path) -> dict:
+    record = finetune.read_record(folder)
+    if record is None:
+        raise SystemExit(f"error: {folder} has no training record; it was not written by hm_utils.finetune")
+    return record
+
+
+def recorded_times(checkpoints: list[tuple[str, Path, str, float]]) -> pd.DataFrame:
     rows = []
-    for label, folder in folders.items():
-        record = finetune.read_record(folder)
-        if record is None:
-            raise SystemExit(f"error: {folder} has no training record; it was not written by hm_utils.finetune")
+    for label, folder, _, _ in checkpoints:
+        record = read_training_record(folder)
         rows.append({"model": label, "examples": record["n_examples"], "steps": record["steps"],
                      "tokens/s": record["tokens_per_second"], "seconds": record["train_seconds"]})
     return pd.DataFrame(rows).set_index("model")
 
 
-def retrain(folders: dict[str, Path], run_dir: Path, out_dir: Path) -> pd.DataFrame:
+def retrain(checkpoints: list[tuple[str, Path, str, float]], run_dir: Path, out_dir: Path) -> pd.DataFrame:
     """Train every checkpoint again from the run's data and recorded settings; time each complete call."""
     from hm_utils.data import read_split
     from hm_utils.prompts import load_prompt_choice
@@ -64,21 +76,18 @@ def retrain(folders: dict[str, Path], run_dir: Path, out_dir: Path) -> pd.DataFr
     train_sets = {task: read_split(data_dir / task / "train.json") for task in tasks}
     templates = load_prompt_choice(run_dir / "02_prompt_tuning" / "prompts.json")
     rows = []
-    for label, folder in folders.items():
-        record = finetune.read_record(folder)
+    for label, folder, task, fraction in checkpoints:
+        record = read_training_record(folder)
         settings = finetune.LoraSettings.from_dict(record["key"]["settings"])
-        base = record["base_model"]["reference"]
-        task, _, share = label.partition(" @ ")
-        if label == "mixed":
+        if task == "mixed":
             examples = finetune.mix_training_sets(train_sets, settings.seed)
-        elif share:
-            examples = quantity.fraction_examples(train_sets[task], float(share.rstrip("%")) / 100)
         else:
-            examples = train_sets[task]
+            examples = quantity.fraction_examples(train_sets[task], fraction)
+
         start = time.perf_counter()
-        finetune.train_specialist(base, examples, out_dir / label.replace(" @ ", "_").replace("%", ""), settings,
-                                  templates=templates)
-        rows.append({"model": label, "examples": len(examples), "steps": settings.max_steps,
+        target = out_dir / (folder.name if fraction == 1.0 else f"{quantity.fraction_name(fraction)}_{task}")
+        finetune.train_specialist(record["base_model"]["reference"], examples, target, settings, templates=templates)
+        rows.append({"model": label, "examples": len(examples), "steps": finetune.plan_steps(len(examples), settings),
                      "seconds": round(time.perf_counter() - start, 1)})
         print(f"{label}: {rows[-1]['seconds']} s", flush=True)
     return pd.DataFrame(rows).set_index("model")
@@ -92,16 +101,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-minutes", type=float, default=20.0, help="training budget to compare the total with")
     args = parser.parse_args(argv)
 
-    folders = recorded_checkpoints(args.run_dir / "03_finetune")
+    checkpoints = recorded_checkpoints(args.run_dir / "03_finetune")
     if args.retrain is None:
-        table = recorded_times(folders)
+        table = recorded_times(checkpoints)
         source = "recorded train_seconds (optimiser steps only)"
     else:
         import torch
 
         if args.threads:
             torch.set_num_threads(args.threads)
-        table = retrain(folders, args.run_dir, args.retrain)
+        table = retrain(checkpoints, args.run_dir, args.retrain)
         source = "wall time of each train_specialist call"
     total = table["seconds"].sum()
     print(table.to_string())

@@ -18,7 +18,6 @@ base as an input that then needs a weight. To average the base in, list it among
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -27,7 +26,7 @@ from typing import Any
 import yaml
 
 from hm_utils.files import write_text_atomic
-from hm_utils.merge.methods import check_parameter_names, method_spec
+from hm_utils.merge.methods import check_parameter_names, did_you_mean, method_spec
 from hm_utils.merge.params import Setting, per_model_settings
 
 logger = logging.getLogger(__name__)
@@ -195,9 +194,9 @@ class MergeConfig:
         keys = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype")
         unsupported = sorted(set(document) - set(keys))
         if unsupported:
-            matches = difflib.get_close_matches(str(unsupported[0]), keys, n=1)
-            suggestion = f" (did you mean {matches[0]!r}?)" if matches else ""
-            raise ValueError(f"config keys {unsupported} are not supported here{suggestion}; use {', '.join(keys)}")
+            raise ValueError(
+                f"config keys {unsupported} are not supported here{did_you_mean(unsupported[0], keys)}; use {', '.join(keys)}"
+            )
         if "merge_method" not in document or "models" not in document:
             raise ValueError("a merge config needs 'merge_method' and 'models'")
         base_model = document.get("base_model")
@@ -208,10 +207,9 @@ class MergeConfig:
                 raise ValueError(f"invalid models entry {entry!r}; expected {{model: PATH, parameters: {{...}}}}")
             unknown = sorted(set(entry) - {"model", "parameters"})
             if unknown:
-                matches = difflib.get_close_matches(str(unknown[0]), ["model", "parameters"], n=1)
-                suggestion = f" (did you mean {matches[0]!r}?)" if matches else ""
                 raise ValueError(
-                    f"models entry {entry['model']!r} has unknown keys {unknown}{suggestion}; use model and parameters"
+                    f"models entry {entry['model']!r} has unknown keys {unknown}"
+                    f"{did_you_mean(unknown[0], ('model', 'parameters'))}; use model and parameters"
                 )
             model = _absolute_if_local(str(entry["model"]))
             if base_model is not None and model == base_model and not entry.get("parameters"):

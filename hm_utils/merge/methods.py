@@ -105,10 +105,10 @@ def method_spec(method: str) -> MethodSpec:
     try:
         return METHODS[method]
     except KeyError:
-        raise ValueError(f"unknown merge method {method!r}{_did_you_mean(method, METHODS)}; valid methods: {', '.join(METHODS)}") from None
+        raise ValueError(f"unknown merge method {method!r}{did_you_mean(method, METHODS)}; valid methods: {', '.join(METHODS)}") from None
 
 
-def _did_you_mean(name: object, valid: Iterable[str]) -> str:
+def did_you_mean(name: object, valid: Iterable[str]) -> str:
     """Return ``" (did you mean 'x'?)"`` for the closest valid name, or an empty string."""
     matches = difflib.get_close_matches(str(name), list(valid), n=1)
     return f" (did you mean {matches[0]!r}?)" if matches else ""
@@ -137,7 +137,7 @@ def check_parameter_names(method: str, names: Sequence[str], where: str = "param
     unknown = [name for name in names if name not in spec.parameter_names]
     if unknown:
         raise ValueError(
-            f"unknown {where} {unknown}{_did_you_mean(unknown[0], spec.parameter_names)} for merge method {method!r};"
+            f"unknown {where} {unknown}{did_you_mean(unknown[0], spec.parameter_names)} for merge method {method!r};"
             f" valid parameters: {', '.join(spec.parameter_names)}"
         )
 
